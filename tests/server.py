@@ -1,0 +1,60 @@
+"""Run `vllm-compaction serve` as a real process on 127.0.0.1 for a test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+START_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def served(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """Start the server, wait for /health, yield its base URL, stop it with SIGTERM."""
+    port = free_port()
+    cli = Path(sys.executable).with_name("vllm-compaction")
+    cmd = [str(cli), "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, base, log)
+        yield base
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{base}/health", timeout=2) as response,
+        ):
+            if response.status == 200:
+                return
+        time.sleep(1)
+    raise RuntimeError(f"server not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")

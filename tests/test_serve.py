@@ -1,0 +1,36 @@
+"""The CLI serves a real model through vLLM's OpenAI server, with our plugin loaded."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.server import served
+
+pytestmark = pytest.mark.slow
+
+
+def test_serve_default_model_answers_completion_and_chat(smollm2_dir, tmp_path):
+    log = tmp_path / "server.log"
+    with served([], log) as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+        assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
+
+        completion = client.completions.create(
+            model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0
+        )
+        assert completion.choices[0].text.strip()
+        assert completion.usage.completion_tokens == 8
+
+        chat = client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "Name one colour of the rainbow."}],
+            max_tokens=16,
+            temperature=0,
+        )
+        assert chat.choices[0].message.role == "assistant"
+        assert chat.choices[0].message.content.strip()
+
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
+    assert "vllm-compaction plugin loaded" in log.read_text()

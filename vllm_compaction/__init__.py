@@ -1,0 +1,1 @@
+"""Attention Matching KV-cache compaction served by vLLM."""

