@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 
 from vllm_compaction import models
+from vllm_compaction.engine.connector import CONNECTOR_CONFIG
+from vllm_compaction.engine.worker import WORKER_EXTENSION
 
 # CPU defaults that start on a 24 GiB machine; any of them can be overridden on the command line
 # (for value flags, vLLM's parser keeps the last occurrence).
-SERVE_DEFAULTS = ["--enforce-eager", "--kv-cache-memory-bytes", str(4 << 30)]
+SERVE_DEFAULTS = [
+    "--enforce-eager",
+    "--kv-cache-memory-bytes",
+    str(4 << 30),
+    "--worker-extension-cls",
+    WORKER_EXTENSION,
+    "--kv-transfer-config",
+    json.dumps(CONNECTOR_CONFIG),
+]
 SERVE_ENV = {
     # Allow-list over every vLLM plugin group: ours, and nothing that happens to be installed.
     "VLLM_PLUGINS": "compaction",

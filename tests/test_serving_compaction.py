@@ -1,0 +1,135 @@
+"""/v1/compact and handles over real HTTP, through the `openai` client, on a served engine."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.server import served
+from vllm_compaction import documents
+
+pytestmark = pytest.mark.slow
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, tmp_path_factory):
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    args = [str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32"]
+    with served([*args, "--block-size", "32", "--max-model-len", "2048"], log) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def context(tiny_llama_dir) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    text = " ".join(p["context"] for p in documents.squad()["data"][2]["paragraphs"][:4])
+    return tokenizer.decode(tokenizer(text)["input_ids"][:400])
+
+
+def _compact(client, **body):
+    return client.post("/compact", body={"model": MODEL, **body}, cast_to=object)
+
+
+def _logprobs(completion) -> torch.Tensor:
+    return torch.tensor(completion.choices[0].logprobs.token_logprobs)
+
+
+def test_ratio_one_handle_continues_like_the_full_prompt(client, context, tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = tokenizer(context)["input_ids"]
+    handle = _compact(client, prompt=ids, ratio=1, queries="context")
+    assert handle["id"].startswith("cmp_") and handle["object"] == "compaction"
+    assert handle["original_tokens"] == handle["compacted_tokens"] == len(ids)
+    assert handle["queries"] == "context"
+
+    question = tokenizer(" Who is it about?")["input_ids"]
+    sampling = dict(model=MODEL, max_tokens=8, temperature=0, logprobs=1)
+    used = client.completions.create(
+        prompt=question, extra_body={"compaction": handle["id"]}, **sampling
+    )
+    full = client.completions.create(prompt=ids + question, **sampling)
+    assert used.choices[0].text == full.choices[0].text
+    torch.testing.assert_close(_logprobs(used), _logprobs(full), atol=1e-4, rtol=0)
+
+
+def test_handle_lifecycle_and_streaming(client, context):
+    handle = _compact(client, prompt=context, ratio=10)
+    assert handle["queries"] == "repeat"
+    assert handle["compacted_tokens"] == -(-handle["original_tokens"] // 10)
+    assert client.get(f"/compactions/{handle['id']}", cast_to=object) == handle
+
+    extra = {"compaction": handle["id"]}
+    once = client.completions.create(
+        model=MODEL, prompt=" In short,", max_tokens=6, temperature=0, extra_body=extra
+    )
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=" In short,",
+        max_tokens=6,
+        temperature=0,
+        extra_body=extra,
+        stream=True,
+    )
+    assert "".join(chunk.choices[0].text for chunk in stream) == once.choices[0].text
+
+    deleted = client.delete(f"/compactions/{handle['id']}", cast_to=object)
+    assert deleted == {"id": handle["id"], "object": "compaction.deleted", "deleted": True}
+    with pytest.raises(openai.NotFoundError):
+        client.get(f"/compactions/{handle['id']}", cast_to=object)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body=extra)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"prompt": "some text", "ratio": 0.5}, 400),
+        ({"prompt": "some text here", "target_tokens": 1000}, 400),
+        ({"prompt": ""}, 400),
+        ({"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
+        ({"prompt": "some text", "method": "nope"}, 400),
+        ({"prompt": "word " * 3000}, 400),
+        ({"prompt": "some text", "model": "no-such-model"}, 404),
+    ],
+)
+def test_bad_compact_requests_are_refused(server, client, body, status):
+    response = httpx.post(f"{server}/v1/compact", json={"model": MODEL, **body}, timeout=60)
+    assert response.status_code == status, response.text
+    assert set(response.json()["error"]) >= {"message", "type", "code"}
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=1).choices
+
+
+def test_bad_handle_uses_are_refused(server, client, context):
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(
+            model=MODEL, prompt="x", max_tokens=1, extra_body={"compaction": "cmp_unknown"}
+        )
+    handle = _compact(client, prompt=context, ratio=10, queries="context")
+    with pytest.raises(openai.BadRequestError, match="use it with /v1/completions"):
+        client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=1,
+            extra_body={"compaction": handle["id"]},
+        )
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(
+            model=MODEL,
+            prompt="x",
+            max_tokens=1,
+            echo=True,
+            extra_body={"compaction": handle["id"]},
+        )
+    malformed = httpx.post(
+        f"{server}/v1/compact", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert malformed.status_code in (400, 422)

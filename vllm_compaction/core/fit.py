@@ -1,0 +1,105 @@
+"""The Attention Matching fit shared by every selection: mass weights beta, then values C2."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .attention import exp_shifted_, safe_reciprocal
+from .indexing import gather_columns, gather_rows
+from .linalg import ridge_solve, top_eigenvalue
+from .problem import Problem
+
+
+def mass_rows(problem: Problem, relative: bool) -> tuple[Tensor, Tensor]:
+    """Row weights u [H, n] and weighted targets z = u * y [H, n] of the mass system.
+
+    relative=True weights each query by 1/y, so the fit minimises relative mass error and a
+    query whose row max dominates counts as much as one with diffuse attention.
+    Queries that see no key get u = 0.
+    """
+    y = problem.mass
+    u = problem.inverse_mass if relative else (y > 0).float()
+    return u, u * y
+
+
+def solve_mass(
+    design: Tensor,
+    gram: Tensor,
+    z: Tensor,
+    lengths: Tensor,
+    *,
+    beta_min: float,
+    beta_max: float,
+    ridge: float,
+    steps: int,
+) -> Tensor:
+    """Non-negative least squares for w = exp(beta): min ||M w - z||, w >= 0.
+
+    design: M [H, n, t] (weighted columns, zero on padding); gram: [H, t, t] = M^T M;
+    z: [H, n] weighted mass targets; lengths: [H] real columns per head.
+    Solves for the deviation from keeping the originals (w = 1 + delta, with the residual
+    z - M 1 formed in query space to avoid cancellation): directions the queries do not
+    determine stay at w = 1 instead of drifting to a bound. Then clamps into
+    [exp(beta_min), exp(beta_max)] and runs ``steps`` projected-gradient steps (step 1/L,
+    L = top eigenvalue of M^T M). Returns w [H, t] (1 on padding slots).
+    """
+    residual = z - design.sum(dim=-1)
+    rhs = torch.bmm(design.transpose(1, 2), residual[..., None])
+    delta = ridge_solve(gram, rhs, lengths, ridge).squeeze(-1)
+    rhs = rhs.squeeze(-1)
+    lo, hi = math.exp(beta_min), math.exp(beta_max)
+    w = (1.0 + delta).clamp(lo, hi)
+    step = safe_reciprocal(top_eigenvalue(gram))[:, None]
+    for _ in range(steps):
+        # Gradient of 0.5 ||M w - z||^2 written around w = 1: G (w - 1) - M^T (z - M 1).
+        grad = torch.bmm(gram, (w - 1.0)[..., None]).squeeze(-1) - rhs
+        w = (w - step * grad).clamp(lo, hi)
+    return w
+
+
+def fit_beta(
+    problem: Problem,
+    indices: Tensor,
+    *,
+    relative: bool,
+    beta_min: float,
+    beta_max: float,
+    ridge: float,
+    steps: int,
+) -> Tensor:
+    """Mass correction beta [H, t] for the kept keys ``indices`` [H, t] (-1 = padding, beta 0).
+
+    The correction is added on top of any bias the keys already carry.
+    """
+    u, z = mass_rows(problem, relative)
+    design = gather_columns(problem.weights, indices).mul_(u[..., None])
+    gram = torch.bmm(design.transpose(1, 2), design)
+    lengths = (indices >= 0).sum(dim=1)
+    w = solve_mass(
+        design, gram, z, lengths, beta_min=beta_min, beta_max=beta_max, ridge=ridge, steps=steps
+    )
+    return w.log_().masked_fill_(indices < 0, 0.0)
+
+
+def fit_values(problem: Problem, indices: Tensor, beta: Tensor, *, ridge: float) -> Tensor:
+    """Compact values C2 [H, t, d_v] (fp32) matching softmax(S) V on the reference queries.
+
+    indices: [H, t] kept keys (-1 = padding); beta: [H, t] mass correction on top of the
+    keys' existing bias. Design X = softmax over the compact keys only, causally masked by
+    their original positions; queries that see no compact key are dropped. Fits the
+    deviation from the original values with a relative ridge, C2 = V_sel + D, because an
+    unregularised fit can blow values up and hurt unseen queries.
+    """
+    scores = problem.logits(indices.clamp(min=0)).add_(beta[:, None, :])
+    scores.masked_fill_((indices < 0)[:, None, :], -math.inf)
+    design, total = exp_shifted_(scores)
+    design.mul_(safe_reciprocal(total)[..., None])
+    kept = gather_rows(problem.values.float(), indices)
+    residual = problem.targets - torch.bmm(design, kept)
+    residual.masked_fill_((total == 0)[..., None], 0.0)
+    xt = design.transpose(1, 2)
+    lengths = (indices >= 0).sum(dim=1)
+    return kept + ridge_solve(torch.bmm(xt, design), torch.bmm(xt, residual), lengths, ridge)

@@ -1,0 +1,118 @@
+"""The shared compaction flow: select kept keys, then build the compact rows.
+
+Eviction methods copy what they keep (beta = 0, C2 = V[kept]); Attention Matching methods
+fit beta and C2 on top of the same selection. A method overrides only ``select`` (or
+``score``), in the spirit of kvpress's small press classes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..compacted import Compacted
+from ..fit import fit_beta, fit_values
+from ..indexing import gather_rows, top_budget
+from ..problem import Problem
+
+
+@dataclass
+class Method:
+    """Base of every method.
+
+    Args:
+        max_queries: reference queries used per head; more are subsampled at random (the
+            [H, n, T] score matrix dominates memory: 8192 x 8192 x 3 heads is 0.8 GB fp32).
+        seed: seed of the query subsampling (and of the ``random`` method).
+    """
+
+    max_queries: int = 8192
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_queries < 1:
+            raise ValueError(f"max_queries must be >= 1, got {self.max_queries}")
+
+    def select(self, problem: Problem) -> Tensor:
+        """Kept key positions [H, max budget], ascending per head, -1 past each head's budget."""
+        raise NotImplementedError
+
+    def build(self, problem: Problem, indices: Tensor) -> Compacted:
+        """Compact rows for ``indices``: keep existing bias (beta = 0) and copy the values."""
+        return _compacted(problem, indices, torch.zeros_like(indices, dtype=torch.float32), None)
+
+    def __call__(self, problem: Problem) -> Compacted:
+        return self.build(problem, self.select(problem))
+
+
+@dataclass
+class ScoreMethod(Method):
+    """Keep the top-scoring keys of each head; subclasses define ``score``."""
+
+    def score(self, problem: Problem) -> Tensor:
+        """[H, T] importance of each key (higher is kept first)."""
+        raise NotImplementedError
+
+    def select(self, problem: Problem) -> Tensor:
+        # Keys already masked out (bias -inf, e.g. padding of a compacted cache) come last.
+        scores = self.score(problem).masked_fill(problem.bias == -math.inf, -math.inf)
+        return top_budget(scores, problem.budgets)
+
+
+@dataclass
+class AttentionMatching(Method):
+    """Mixin: after selection, fit the mass correction beta (NNLS) and the values (ridge LS).
+
+    Args:
+        beta_min, beta_max: bounds of the fitted correction beta = log w.
+        relative_mass: weight mass-fit rows by 1/y (relative mass error) instead of absolute.
+        mass_ridge: relative ridge of the mass solve (toward w = 1, i.e. keep the original).
+        mass_steps: projected-gradient steps after clamping w into bounds.
+        value_ridge: relative ridge of the value fit (toward the original values).
+    """
+
+    beta_min: float = -3.0
+    beta_max: float = 3.0
+    relative_mass: bool = False
+    mass_ridge: float = 1e-6
+    mass_steps: int = 20
+    value_ridge: float = 1e-2
+
+    def fit_beta(self, problem: Problem, indices: Tensor) -> Tensor:
+        """beta [H, t] for kept ``indices`` [H, t] (0 on padding)."""
+        return fit_beta(
+            problem,
+            indices,
+            relative=self.relative_mass,
+            beta_min=self.beta_min,
+            beta_max=self.beta_max,
+            ridge=self.mass_ridge,
+            steps=self.mass_steps,
+        )
+
+    def build(self, problem: Problem, indices: Tensor) -> Compacted:
+        beta = self.fit_beta(problem, indices)
+        values = fit_values(problem, indices, beta, ridge=self.value_ridge)
+        return _compacted(problem, indices, beta, values)
+
+
+def _compacted(problem: Problem, indices: Tensor, beta: Tensor, values: Tensor | None) -> Compacted:
+    """Assemble the output; ``values`` None copies the originals. Padding: bias -inf, zeros."""
+    padding = indices < 0
+    bias = problem.bias.gather(1, indices.clamp(min=0)) + beta
+    if values is None:
+        values = gather_rows(problem.values, indices)
+    else:
+        finite = torch.finfo(problem.values.dtype).max  # fp16 overflow would give inf
+        values = values.clamp(-finite, finite).to(problem.values.dtype)
+        values = values.masked_fill(padding[..., None], 0)
+    return Compacted(
+        keys=gather_rows(problem.keys, indices),
+        bias=bias.masked_fill(padding, -math.inf),
+        values=values,
+        indices=indices,
+        lengths=(~padding).sum(dim=1),
+    )

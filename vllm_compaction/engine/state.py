@@ -1,0 +1,134 @@
+"""What one worker process knows about compaction: handles, captures, and this step's roles.
+
+The attention backend, the KV connector and the worker extension live in the same worker
+process and meet here. Requests say what they are through their kv_transfer_params:
+{"compaction": {"capture": key, ...}} or {"compaction": {"handle": key, "slots": S}}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+PARAMS_KEY = "compaction"
+
+
+@dataclass
+class Handle:
+    """A compacted context as the engine places it: S slots at positions 0..S-1.
+
+    Per layer: keys [H_kv, S, D] (RoPE shifted to the slot positions), values [H_kv, S, D]
+    (both in the KV cache dtype), bias [H_kv, S] float32 with -inf on padding slots.
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    bias: list[Tensor]
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[1]
+
+
+@dataclass
+class Capture:
+    """Rows recorded while a capture request is prefilled, per layer index, in position order.
+
+    Keys and values of positions [0, context_len); queries of [query_start, query_end).
+    """
+
+    context_len: int
+    query_start: int
+    query_end: int
+    keys: dict[int, list[Tensor]] = field(default_factory=dict)
+    values: dict[int, list[Tensor]] = field(default_factory=dict)
+    queries: dict[int, list[Tensor]] = field(default_factory=dict)
+    positions: dict[int, list[Tensor]] = field(default_factory=dict)
+
+    def record(self, layer: int, positions: Tensor, q: Tensor, k: Tensor, v: Tensor) -> None:
+        """Keep this chunk's rows (positions [n], q [n, Hq, D], k/v [n, Hkv, D])."""
+        context = positions < self.context_len
+        if context.any():
+            self.keys.setdefault(layer, []).append(k[context].clone())
+            self.values.setdefault(layer, []).append(v[context].clone())
+        wanted = (positions >= self.query_start) & (positions < self.query_end)
+        if wanted.any():
+            self.queries.setdefault(layer, []).append(q[wanted].clone())
+            self.positions.setdefault(layer, []).append(positions[wanted].clone())
+
+
+@dataclass
+class Row:
+    """A request of the current batch that takes part in compaction."""
+
+    index: int  # its segment in query_start_loc
+    capture: Capture | None = None
+    handle: Handle | None = None
+
+
+class WorkerState:
+    """Process-wide registry; `STATE` is the one instance."""
+
+    def __init__(self) -> None:
+        self.runner: Any = None  # the model runner, bound once by the worker extension
+        self.handles: dict[str, Handle] = {}
+        self.captures: dict[str, Capture] = {}
+        self._rows: list[Row] | None = None
+
+    def begin_step(self) -> None:
+        self._rows = None
+
+    def rows(self, num_reqs: int) -> list[Row]:
+        """This step's compaction rows, worked out once per step from the runner's batch."""
+        if self._rows is None:
+            self._rows = self._collect_rows(num_reqs)
+        return self._rows
+
+    def _collect_rows(self, num_reqs: int) -> list[Row]:
+        if self.runner is None:
+            return []
+        rows = []
+        for index, req_id in enumerate(self.runner.input_batch.req_ids[:num_reqs]):
+            params = request_params(self.runner.requests[req_id].sampling_params)
+            if params is None:
+                continue
+            if "capture" in params:
+                key = params["capture"]
+                if key not in self.captures:
+                    self.captures[key] = Capture(
+                        params["context_len"], params["query_start"], params["query_end"]
+                    )
+                rows.append(Row(index, capture=self.captures[key]))
+            elif "handle" in params:
+                rows.append(Row(index, handle=self.handles[params["handle"]]))
+        return rows
+
+
+def request_params(sampling_params: Any) -> dict[str, Any] | None:
+    """A request's compaction parameters, or None for a plain request."""
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    return (extra.get("kv_transfer_params") or {}).get(PARAMS_KEY)
+
+
+def paged_rows(cache: Tensor, blocks: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Keys and values [H, length, D] of one sequence from a CPU paged layer cache.
+
+    The CPU layout of a [num_blocks, H, block_size, 2D] cache is physically
+    [num_blocks, H, 2 * block_size, D]: per block and head, keys stored transposed as
+    [D, block_size], then values as [block_size, D].
+    """
+    num_blocks, heads, block_size, twice_d = cache.shape
+    d = twice_d // 2
+    view = cache.view(num_blocks, heads, 2 * block_size, d)[blocks]
+    n = blocks.numel()
+    keys = view[:, :, :block_size].reshape(n, heads, d, block_size).permute(1, 0, 3, 2)
+    values = view[:, :, block_size:].permute(1, 0, 2, 3)
+    return (
+        keys.reshape(heads, n * block_size, d)[:, :length],
+        values.reshape(heads, n * block_size, d)[:, :length],
+    )
+
+
+STATE = WorkerState()

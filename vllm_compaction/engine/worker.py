@@ -1,0 +1,87 @@
+"""Worker extension (`--worker-extension-cls`): the RPCs the server calls on every worker."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+
+from vllm_compaction.core import compact_cache
+from vllm_compaction.engine.rope import shift_positions
+from vllm_compaction.engine.state import STATE, Capture, Handle
+
+WORKER_EXTENSION = f"{__name__}.CompactionWorkerExtension"
+
+
+class CompactionWorkerExtension:
+    """Mixed into vLLM's worker class; may only add methods (vLLM asserts on overrides)."""
+
+    def compaction_bind(self) -> None:
+        """Let the attention backend find this worker's batch (request ids in row order)."""
+        STATE.runner = self.model_runner
+
+    def compaction_compact(self, key: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Compact the rows captured under `key` into handle `key`.
+
+        options: budget (kept rows per head, verbatim included), keep_first, protected
+        ([start, end) spans kept verbatim), method, causal (queries see only earlier keys).
+        """
+        began = time.perf_counter()
+        capture = STATE.captures.pop(key)
+        keys, values, queries, positions = _stack(capture, self.model_runner)
+        compacted = compact_cache(
+            keys,
+            values,
+            queries,
+            budget=options["budget"],
+            query_positions=positions if options.get("causal") else None,
+            keep_first=options.get("keep_first", 4),
+            protected=[tuple(span) for span in options.get("protected", [])],
+            method=options.get("method", "am-highest"),
+        )
+        block_size = self.vllm_config.cache_config.block_size
+        slots = math.ceil(options["budget"] / block_size) * block_size
+        rotary = _rotary(self.model_runner)
+        delta = slots - capture.context_len
+        dtype = keys[0].dtype
+        handle = Handle(keys=[], values=[], bias=[])
+        for layer in compacted:
+            pad = slots - layer.keys.shape[1]
+            handle.keys.append(_pad(shift_positions(layer.keys, delta, rotary).to(dtype), pad))
+            handle.values.append(_pad(layer.values.to(dtype), pad))
+            handle.bias.append(_pad(layer.bias.float(), pad, -math.inf))
+        STATE.handles[key] = handle
+        return {"slots": slots, "compact_s": time.perf_counter() - began}
+
+    def compaction_delete(self, key: str) -> bool:
+        return STATE.handles.pop(key, None) is not None
+
+
+def _stack(capture: Capture, runner) -> tuple[list, list, list, list]:
+    """Per layer: keys/values [Hkv, T, D], queries pooled per KV head [Hkv, n*g, D], positions."""
+    keys, values, queries, positions = [], [], [], []
+    for layer in sorted(capture.keys):
+        k = torch.cat(capture.keys[layer]).transpose(0, 1)
+        keys.append(k)
+        values.append(torch.cat(capture.values[layer]).transpose(0, 1))
+        q = torch.cat(capture.queries[layer])  # [n, Hq, D]; query head h reads KV head h // g
+        heads = k.shape[0]
+        n, hq, d = q.shape
+        pooled = q.reshape(n, heads, hq // heads, d).permute(1, 2, 0, 3).reshape(heads, -1, d)
+        queries.append(pooled)
+        p = torch.cat(capture.positions[layer])
+        positions.append(p.repeat(hq // heads)[None].expand(heads, -1))
+    return keys, values, queries, positions
+
+
+def _rotary(runner):
+    return runner.model.model.layers[0].self_attn.rotary_emb
+
+
+def _pad(x: torch.Tensor, count: int, value: float = 0.0) -> torch.Tensor:
+    if count == 0:
+        return x
+    shape = (*x.shape[:1], count, *x.shape[2:])
+    return torch.cat([x, x.new_full(shape, value)], dim=1)

@@ -1,0 +1,116 @@
+"""`vllm.endpoint_plugins` entry point: the compaction routes on vLLM's OpenAI server.
+
+/v1/completions and /v1/chat/completions are replaced by routes that hand every request
+without a `compaction` field to vLLM's own handlers untouched.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+from typing import Any
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from vllm.entrypoints.openai.chat_completion.api_router import create_chat_completion
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.openai.completion.api_router import create_completion
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+from vllm_compaction.server.protocol import CompactionDeleted, CompactRequest
+from vllm_compaction.server.service import CompactionError, CompactionService
+
+router = APIRouter()
+
+
+def _error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
+    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+def _refused(error: CompactionError) -> JSONResponse:
+    return _error(str(error), error.status, error.param)
+
+
+def _service(raw: Request) -> CompactionService:
+    return raw.app.state.compaction
+
+
+@router.post("/v1/compact")
+async def compact(request: CompactRequest, raw: Request):
+    model_error = await raw.app.state.openai_serving_completion._check_model(request)
+    if model_error is not None:
+        return JSONResponse(model_error.model_dump(), status_code=model_error.error.code)
+    try:
+        return await _service(raw).compact(request)
+    except CompactionError as error:
+        return _refused(error)
+
+
+@router.get("/v1/compactions/{handle_id}")
+async def get_compaction(handle_id: str, raw: Request):
+    try:
+        return _service(raw).get(handle_id).info
+    except CompactionError as error:
+        return _refused(error)
+
+
+@router.delete("/v1/compactions/{handle_id}")
+async def delete_compaction(handle_id: str, raw: Request):
+    try:
+        await _service(raw).delete(handle_id)
+    except CompactionError as error:
+        return _refused(error)
+    return CompactionDeleted(id=handle_id)
+
+
+@router.post("/v1/completions")
+async def completions(request: CompletionRequest, raw: Request):
+    if "compaction" not in (request.model_extra or {}):
+        return await create_completion(request, raw)
+    # Prompt logprobs make vLLM skip cached and injected KV: they would read placeholders.
+    if request.prompt_logprobs is not None or request.echo:
+        return _error("'prompt_logprobs' and 'echo' are not available with 'compaction'")
+    try:
+        handle_id = _handle_field(request)
+        ids, salt, params = _service(raw).completion_prompt(handle_id, request.prompt)
+    except CompactionError as error:
+        return _refused(error)
+    request.prompt = ids
+    request.cache_salt = salt
+    request.kv_transfer_params = params
+    return await create_completion(request, raw)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: ChatCompletionRequest, raw: Request):
+    if "compaction" not in (request.model_extra or {}):
+        return await create_chat_completion(request, raw)
+    try:
+        _service(raw).chat_prompt(_handle_field(request))
+    except CompactionError as error:
+        return _refused(error)
+
+
+def _handle_field(request: Any) -> str:
+    """The `compaction` body field (vLLM keeps unknown fields in model_extra)."""
+    value = request.model_extra["compaction"]
+    if not isinstance(value, str):
+        raise CompactionError("'compaction' must be a handle id string", param="compaction")
+    return value
+
+
+class CompactionEndpoints:
+    name = "compaction"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state, args: Namespace) -> None:
+        if engine_client is None:
+            return
+        await engine_client.collective_rpc("compaction_bind")
+        state.compaction = CompactionService(
+            engine_client, state.openai_serving_chat, engine_client.model_config.max_model_len
+        )

@@ -1,0 +1,214 @@
+"""The compaction flow in the API server: tokenize, capture, compact on the workers, track handles.
+
+A handle id doubles as the cache salt of the blocks that hold its KV, so no two handles (and
+no plain request) ever share a block.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.inputs.engine import tokens_input
+
+from vllm_compaction.core import METHODS
+from vllm_compaction.engine.state import PARAMS_KEY
+from vllm_compaction.server.protocol import (
+    DEFAULT_RATIO,
+    Compaction,
+    CompactionTiming,
+    CompactionUsage,
+    CompactRequest,
+)
+
+PLACEHOLDER_ID = 0  # any valid id: the engine never computes these positions
+REPEAT_INSTRUCTION = "Repeat the previous context exactly, word for word."
+
+
+class CompactionError(Exception):
+    """A request the server refuses; carries the HTTP status and the offending field."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.param = param
+
+
+@dataclass
+class HandleRecord:
+    info: Compaction
+    prefix_ids: list[int]  # the context's tokens: a chat that continues it must start with them
+    slots: int
+
+
+class CompactionService:
+    def __init__(self, engine_client: Any, chat_serving: Any, max_model_len: int) -> None:
+        self.engine = engine_client
+        self.chat_serving = chat_serving
+        self.max_model_len = max_model_len
+        self.handles: dict[str, HandleRecord] = {}
+
+    async def compact(self, request: CompactRequest) -> Compaction:
+        began = time.perf_counter()
+        if request.method not in METHODS:
+            known = ", ".join(METHODS)
+            raise CompactionError(
+                f"unknown method {request.method!r}; known: {known}", param="method"
+            )
+        ids, protected = await self._context_tokens(request)
+        total = len(ids)
+        if total + 1 > self.max_model_len:
+            raise CompactionError(
+                f"the input has {total} tokens; the model's context is {self.max_model_len}",
+                param="prompt" if request.kind == "prompt" else "messages",
+            )
+        budget = _budget(request, total)
+        capture_ids, query_range, queries = await self._capture_prompt(request, ids)
+
+        handle_id = "cmp_" + secrets.token_urlsafe(24)
+        capture = {
+            "capture": handle_id,
+            "context_len": total,
+            "query_start": query_range[0],
+            "query_end": query_range[1],
+        }
+        params = SamplingParams(
+            max_tokens=1, extra_args={"kv_transfer_params": {PARAMS_KEY: capture}}
+        )
+        # A fresh salt: a prefix-cache hit would skip the forward that records the rows.
+        prompt = tokens_input(capture_ids, cache_salt=f"{handle_id}-capture")
+        async for _ in self.engine.generate(prompt, params, f"compact-{uuid.uuid4().hex}"):
+            pass
+        prefilled = time.perf_counter()
+
+        options = {
+            "budget": budget,
+            "keep_first": request.keep_first,
+            "protected": protected,
+            "method": request.method,
+            "causal": queries == "context",
+        }
+        try:
+            replies = await self.engine.collective_rpc(
+                "compaction_compact", args=(handle_id, options)
+            )
+        except Exception as error:  # the worker validates the budget against what it keeps
+            raise CompactionError(f"compaction failed: {error}") from error
+        slots = replies[0]["slots"]
+        done = time.perf_counter()
+
+        now = int(time.time())
+        info = Compaction(
+            id=handle_id,
+            model=request.model,
+            kind=request.kind,
+            created_at=now,
+            expires_at=None,
+            original_tokens=total,
+            compacted_tokens=budget,
+            ratio=total / budget,
+            method=request.method,
+            queries=queries,
+            usage=CompactionUsage(
+                prompt_tokens=total,
+                query_tokens=len(capture_ids) - total,
+                total_tokens=len(capture_ids),
+            ),
+            timing=CompactionTiming(
+                prefill_s=prefilled - began,
+                queries_s=0.0,  # queries are recorded during the prefill itself
+                compact_s=done - prefilled,
+                total_s=done - began,
+            ),
+        )
+        self.handles[handle_id] = HandleRecord(info, ids, slots)
+        return info
+
+    def get(self, handle_id: str) -> HandleRecord:
+        record = self.handles.get(handle_id)
+        if record is None:
+            raise CompactionError(f"no compaction {handle_id!r}", status=404, param="compaction")
+        return record
+
+    async def delete(self, handle_id: str) -> None:
+        self.get(handle_id)
+        del self.handles[handle_id]
+        await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
+
+    def completion_prompt(self, handle_id: str, prompt: Any) -> tuple[list[int], str, dict]:
+        """Token prompt, cache salt and kv_transfer_params for a completion on a handle."""
+        record = self.get(handle_id)
+        if record.info.kind != "prompt":
+            raise CompactionError(
+                f"{handle_id} was made from messages: use it with /v1/chat/completions",
+                param="compaction",
+            )
+        if isinstance(prompt, str):
+            ids = self.engine.get_tokenizer().encode(prompt, add_special_tokens=False)
+        elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise CompactionError("with 'compaction', 'prompt' must be one string or token list")
+        if not ids:
+            raise CompactionError("'prompt' must not be empty with 'compaction'", param="prompt")
+        return self._placed(record, handle_id, ids)
+
+    def chat_prompt(self, handle_id: str) -> None:
+        """Chats continue handles made from messages; compacting messages is not built yet."""
+        record = self.get(handle_id)
+        raise CompactionError(
+            f"{handle_id} was made from a prompt ({record.info.kind}): use it with /v1/completions",
+            param="compaction",
+        )
+
+    def _placed(self, record: HandleRecord, handle_id: str, ids: list[int]):
+        if record.slots + len(ids) > self.max_model_len:
+            raise CompactionError(
+                f"{record.slots} compacted slots + {len(ids)} tokens exceed the model's "
+                f"context of {self.max_model_len}"
+            )
+        params = {PARAMS_KEY: {"handle": handle_id, "slots": record.slots}}
+        return [PLACEHOLDER_ID] * record.slots + ids, handle_id, params
+
+    async def _context_tokens(self, request: CompactRequest) -> tuple[list[int], list[list[int]]]:
+        """The context's token ids and the template spans kept verbatim."""
+        if request.kind == "prompt":
+            if isinstance(request.prompt, str):
+                ids = self.engine.get_tokenizer().encode(request.prompt, add_special_tokens=False)
+            else:
+                ids = list(request.prompt)
+            return ids, []
+        raise CompactionError("compacting 'messages' is not supported yet", param="messages")
+
+    async def _capture_prompt(
+        self, request: CompactRequest, ids: list[int]
+    ) -> tuple[list[int], tuple[int, int], str]:
+        """Tokens to prefill, which positions' queries to keep, and the query source used."""
+        total = len(ids)
+        if request.queries == "repeat":
+            tokenizer = self.engine.get_tokenizer()
+            instruction = tokenizer.encode(
+                f"\n\n{REPEAT_INSTRUCTION}\n\n", add_special_tokens=False
+            )
+            repeated = ids + instruction + ids
+            # Repeat queries need about 2T positions; past the context, fall back to causal
+            # context queries and say so in the answer.
+            if len(repeated) + 1 <= self.max_model_len:
+                return repeated, (total, len(repeated)), "repeat"
+        return ids, (0, total), "context"
+
+
+def _budget(request: CompactRequest, total: int) -> int:
+    if request.target_tokens is not None:
+        if request.target_tokens >= total:
+            raise CompactionError(
+                f"target_tokens {request.target_tokens} must be below the input's {total} tokens",
+                param="target_tokens",
+            )
+        return request.target_tokens
+    return max(1, math.ceil(total / (request.ratio or DEFAULT_RATIO)))
