@@ -128,3 +128,32 @@ def test_ten_x_equals_transformers_with_additive_bias(llm, texts, tiny_llama_dir
     assert unbiased.num_cached_tokens >= slots  # same handle blocks, from the prefix cache
     gap = (torch.tensor(_sampled_logprobs(unbiased)) - reference).abs().max()
     assert gap > 1e-3 or list(unbiased.outputs[0].token_ids) != generated
+
+
+def test_a_handle_request_holds_its_slots_not_the_context(llm, texts):
+    context, suffix = texts
+    slots = _compact(llm, "cmp_blocks", context, budget=len(context) // 10)
+    first = _use(llm, "cmp_blocks", slots, suffix)
+    blocks = first.kv_transfer_params["compaction"]["blocks"]
+    computed = slots + len(suffix) + GENERATED - 1  # the last sampled token is never computed
+    assert len(blocks) == -(-computed // BLOCK)
+    assert len(blocks) < -(-(len(context) + len(suffix)) // BLOCK)
+
+    # A second session on the handle reuses its blocks; an equal-sized handle of another
+    # document gets blocks of its own.
+    again = _use(llm, "cmp_blocks", slots, suffix[1:])
+    assert again.num_cached_tokens == slots
+    handle_blocks = blocks[: slots // BLOCK]
+    assert again.kv_transfer_params["compaction"]["blocks"][: slots // BLOCK] == handle_blocks
+    other_context = list(reversed(context))
+    other_slots = _compact(llm, "cmp_other", other_context, budget=len(context) // 10)
+    assert other_slots == slots
+    other = _use(llm, "cmp_other", slots, suffix)
+    assert other.num_cached_tokens == slots
+    other_blocks = other.kv_transfer_params["compaction"]["blocks"][: slots // BLOCK]
+    assert not set(other_blocks) & set(handle_blocks)
+
+
+def test_plain_requests_report_nothing(llm, texts):
+    context, suffix = texts
+    assert _run(llm, context + suffix, _params()).kv_transfer_params is None

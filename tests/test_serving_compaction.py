@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import httpx
 import openai
 import pytest
@@ -133,3 +135,50 @@ def test_bad_handle_uses_are_refused(server, client, context):
         f"{server}/v1/compact", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert malformed.status_code in (400, 422)
+
+
+def test_deleting_a_handle_mid_stream_does_not_corrupt_the_stream(client, context):
+    handle = _compact(client, prompt=context, ratio=10, queries="context")
+    extra = {"compaction": handle["id"]}
+    sampling = dict(model=MODEL, prompt=" Then", max_tokens=48, temperature=0, extra_body=extra)
+    expected = client.completions.create(**sampling).choices[0].text
+
+    stream = client.completions.create(stream=True, **sampling)
+    chunks = [next(iter(stream)).choices[0].text]
+    deleted = client.delete(f"/compactions/{handle['id']}", cast_to=object)
+    assert deleted["deleted"] is True
+    chunks += [chunk.choices[0].text for chunk in stream]
+    assert "".join(chunks) == expected
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body=extra)
+
+
+def test_concurrent_sessions_on_one_handle_match_sequential_runs(client, context):
+    handle = _compact(client, prompt=context, ratio=10)
+    prompts = [f" Fact {i}:" for i in range(16)]
+
+    def run(prompt: str, use_handle: bool):
+        extra = {"compaction": handle["id"]} if use_handle else {}
+        out = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=1, extra_body=extra
+        )
+        transfer = (out.model_extra or {}).get("kv_transfer_params") or {}
+        blocks = transfer.get("compaction", {}).get("blocks", [])
+        return out.choices[0].text, out.choices[0].logprobs.token_logprobs, blocks
+
+    jobs = [(p, True) for p in prompts] + [(context[:200] + p, False) for p in prompts]
+    sequential = [run(*job) for job in jobs]
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        concurrent = list(pool.map(lambda job: run(*job), jobs))
+    for (text, logprobs, _), (seq_text, seq_logprobs, _) in zip(
+        concurrent, sequential, strict=True
+    ):
+        assert text == seq_text
+        torch.testing.assert_close(
+            torch.tensor(logprobs), torch.tensor(seq_logprobs), atol=1e-3, rtol=0
+        )
+    # Every session read the handle from the same blocks: its KV exists once.
+    slot_blocks = -(-handle["compacted_tokens"] // 32)
+    shared = {tuple(blocks[:slot_blocks]) for _, _, blocks in concurrent[:16]}
+    assert len(shared) == 1 and len(next(iter(shared))) == slot_blocks
+    assert all(blocks == [] for _, _, blocks in concurrent[16:])

@@ -20,7 +20,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
-from vllm_compaction.engine.state import STATE, request_params
+from vllm_compaction.engine.state import PARAMS_KEY, STATE, request_params
 
 CONNECTOR_CONFIG = {
     "kv_connector": "CompactionConnector",
@@ -72,6 +72,13 @@ class CompactionConnector(KVConnectorBase_V1):
                 count=num_external_tokens,
             )
         )
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        """Report which blocks a handle request held (returned in its output)."""
+        params = request_params(request.sampling_params)
+        if params is None or "handle" not in params:
+            return False, None
+        return False, {PARAMS_KEY: {"handle": params["handle"], "blocks": list(block_ids)}}
 
     def build_connector_meta(self, scheduler_output) -> CompactionMetadata:
         metadata = CompactionMetadata(loads=self._pending)

@@ -23,11 +23,13 @@ from .chat import (
     repeat_turn,
 )
 from .loading import load_model
+from .on_policy import CompactFn, compact_on_policy
 from .scoring import continuation_logits, next_token_logprobs, score_with_compacted
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "ChatContext",
+    "CompactFn",
     "LayerCapture",
     "Prefix",
     "PrefixLayer",
@@ -38,6 +40,7 @@ __all__ = [
     "attention_implementation",
     "capture",
     "chat_token_count",
+    "compact_on_policy",
     "compaction_attention",
     "continuation_logits",
     "encode_context",

@@ -6,6 +6,8 @@ transformers forwards from `model(...)` down to every attention call:
 - `compaction_prefix`: a compact cache per layer, attended before the current tokens with its
   bias beta added to the logits (the current tokens sit at their original positions);
 - `compaction_recorder`: a callback that receives every layer's post-RoPE queries, keys, values.
+  It runs before the layer's prefix is looked up, so a prefix may be built from the queries
+  just recorded (on-policy fitting).
 
 Without either, it is plain causal attention, so a model can keep this implementation set.
 """

@@ -7,10 +7,11 @@ without a `compaction` field to vLLM's own handlers untouched.
 from __future__ import annotations
 
 from argparse import Namespace
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from vllm.entrypoints.openai.chat_completion.api_router import create_chat_completion
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.api_router import create_completion
@@ -79,7 +80,7 @@ async def completions(request: CompletionRequest, raw: Request):
     request.prompt = ids
     request.cache_salt = salt
     request.kv_transfer_params = params
-    return await create_completion(request, raw)
+    return await _holding(_service(raw), handle_id, create_completion(request, raw))
 
 
 @router.post("/v1/chat/completions")
@@ -90,6 +91,30 @@ async def chat_completions(request: ChatCompletionRequest, raw: Request):
         _service(raw).chat_prompt(_handle_field(request))
     except CompactionError as error:
         return _refused(error)
+
+
+async def _holding(service: CompactionService, handle_id: str, call: Awaitable[Response]):
+    """Run a stock handler while the handle is held, until its response (or stream) ends."""
+    service.acquire(handle_id)
+    try:
+        response = await call
+    except BaseException:
+        await service.release(handle_id)
+        raise
+    if not isinstance(response, StreamingResponse):
+        await service.release(handle_id)
+        return response
+    body = response.body_iterator
+
+    async def held() -> AsyncIterator:
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            await service.release(handle_id)
+
+    response.body_iterator = held()
+    return response
 
 
 def _handle_field(request: Any) -> str:

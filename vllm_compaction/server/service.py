@@ -10,6 +10,7 @@ import math
 import secrets
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,9 @@ class CompactionService:
         self.chat_serving = chat_serving
         self.max_model_len = max_model_len
         self.handles: dict[str, HandleRecord] = {}
+        # Requests still running on a handle; a deleted handle's KV is freed after the last.
+        self.in_use: Counter[str] = Counter()
+        self.deleted: set[str] = set()
 
     async def compact(self, request: CompactRequest) -> Compaction:
         began = time.perf_counter()
@@ -138,7 +142,21 @@ class CompactionService:
     async def delete(self, handle_id: str) -> None:
         self.get(handle_id)
         del self.handles[handle_id]
-        await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
+        self.deleted.add(handle_id)
+        await self._free_if_unused(handle_id)
+
+    def acquire(self, handle_id: str) -> None:
+        self.in_use[handle_id] += 1
+
+    async def release(self, handle_id: str) -> None:
+        self.in_use[handle_id] -= 1
+        await self._free_if_unused(handle_id)
+
+    async def _free_if_unused(self, handle_id: str) -> None:
+        if handle_id in self.deleted and self.in_use[handle_id] <= 0:
+            self.deleted.discard(handle_id)
+            del self.in_use[handle_id]
+            await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
 
     def completion_prompt(self, handle_id: str, prompt: Any) -> tuple[list[int], str, dict]:
         """Token prompt, cache salt and kv_transfer_params for a completion on a handle."""
