@@ -101,6 +101,8 @@ def test_handle_lifecycle_and_streaming(client, context):
         ({"prompt": "some text", "method": "nope"}, 400),
         ({"prompt": "word " * 3000}, 400),
         ({"prompt": "some text", "model": "no-such-model"}, 404),
+        ({"messages": [{"role": "user", "content": "some words " * 20}], "target_tokens": 3}, 400),
+        ({"messages": [{"role": "user"}], "ratio": 2}, 400),
     ],
 )
 def test_bad_compact_requests_are_refused(server, client, body, status):
@@ -182,3 +184,39 @@ def test_concurrent_sessions_on_one_handle_match_sequential_runs(client, context
     shared = {tuple(blocks[:slot_blocks]) for _, _, blocks in concurrent[:16]}
     assert len(shared) == 1 and len(next(iter(shared))) == slot_blocks
     assert all(blocks == [] for _, _, blocks in concurrent[16:])
+
+
+def test_chat_on_a_messages_handle_continues_the_conversation(client, context):
+    history = [
+        {"role": "system", "content": "You answer questions about a text."},
+        {"role": "user", "content": f"Read this:\n{context}"},
+        {"role": "assistant", "content": "I have read it."},
+    ]
+    follow_up = [{"role": "user", "content": "What is it about?"}]
+    handle = _compact(client, messages=history, ratio=1, queries="context")
+    assert handle["kind"] == "messages" and handle["ratio"] == 1
+
+    sampling = dict(model=MODEL, max_tokens=8, temperature=0, logprobs=True)
+    used = client.chat.completions.create(
+        messages=follow_up, extra_body={"compaction": handle["id"]}, **sampling
+    )
+    full = client.chat.completions.create(messages=history + follow_up, **sampling)
+    assert used.choices[0].message.content == full.choices[0].message.content
+    assert used.usage.completion_tokens == full.usage.completion_tokens == 8
+    torch.testing.assert_close(
+        torch.tensor([t.logprob for t in used.choices[0].logprobs.content]),
+        torch.tensor([t.logprob for t in full.choices[0].logprobs.content]),
+        atol=1e-4,
+        rtol=0,
+    )
+
+    compacted = _compact(client, messages=history, ratio=8)
+    assert compacted["queries"] == "repeat"
+    reply = client.chat.completions.create(
+        messages=follow_up, extra_body={"compaction": compacted["id"]}, **sampling
+    )
+    assert reply.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="made from messages"):
+        client.completions.create(
+            model=MODEL, prompt="x", max_tokens=1, extra_body={"compaction": compacted["id"]}
+        )

@@ -87,10 +87,17 @@ async def completions(request: CompletionRequest, raw: Request):
 async def chat_completions(request: ChatCompletionRequest, raw: Request):
     if "compaction" not in (request.model_extra or {}):
         return await create_chat_completion(request, raw)
+    if request.prompt_logprobs is not None or request.echo:
+        return _error("'prompt_logprobs' and 'echo' are not available with 'compaction'")
     try:
-        _service(raw).chat_prompt(_handle_field(request))
+        handle_id = _handle_field(request)
+        ids, salt, params = await _service(raw).chat_prompt(handle_id, request)
     except CompactionError as error:
         return _refused(error)
+    # vLLM feeds kv_transfer_params["prompt_token_ids"] to the engine instead of re-templating.
+    request.kv_transfer_params = {**params, "prompt_token_ids": ids}
+    request.cache_salt = salt
+    return await _holding(_service(raw), handle_id, create_chat_completion(request, raw))
 
 
 async def _holding(service: CompactionService, handle_id: str, call: Awaitable[Response]):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vllm import SamplingParams
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.inputs.engine import tokens_input
 
 from vllm_compaction.core import METHODS
@@ -26,6 +27,7 @@ from vllm_compaction.server.protocol import (
     CompactionUsage,
     CompactRequest,
 )
+from vllm_compaction.templates import verbatim_spans
 
 PLACEHOLDER_ID = 0  # any valid id: the engine never computes these positions
 REPEAT_INSTRUCTION = "Repeat the previous context exactly, word for word."
@@ -45,6 +47,7 @@ class HandleRecord:
     info: Compaction
     prefix_ids: list[int]  # the context's tokens: a chat that continues it must start with them
     slots: int
+    messages: list[dict[str, Any]] | None = None  # what a "messages" handle was made from
 
 
 class CompactionService:
@@ -72,6 +75,13 @@ class CompactionService:
                 param="prompt" if request.kind == "prompt" else "messages",
             )
         budget = _budget(request, total)
+        verbatim = set(range(min(request.keep_first, total)))
+        verbatim.update(i for start, end in protected for i in range(start, end))
+        if budget < len(verbatim):
+            raise CompactionError(
+                f"a budget of {budget} tokens cannot hold the {len(verbatim)} tokens kept "
+                "verbatim (first tokens and chat template); raise target_tokens or lower ratio"
+            )
         capture_ids, query_range, queries = await self._capture_prompt(request, ids)
 
         handle_id = "cmp_" + secrets.token_urlsafe(24)
@@ -130,7 +140,7 @@ class CompactionService:
                 total_s=done - began,
             ),
         )
-        self.handles[handle_id] = HandleRecord(info, ids, slots)
+        self.handles[handle_id] = HandleRecord(info, ids, slots, request.messages)
         return info
 
     def get(self, handle_id: str) -> HandleRecord:
@@ -176,13 +186,25 @@ class CompactionService:
             raise CompactionError("'prompt' must not be empty with 'compaction'", param="prompt")
         return self._placed(record, handle_id, ids)
 
-    def chat_prompt(self, handle_id: str) -> None:
-        """Chats continue handles made from messages; compacting messages is not built yet."""
+    async def chat_prompt(self, handle_id: str, request: Any) -> tuple[list[int], str, dict]:
+        """The same for a chat: the handle's messages, then the request's, templated once."""
         record = self.get(handle_id)
-        raise CompactionError(
-            f"{handle_id} was made from a prompt ({record.info.kind}): use it with /v1/completions",
-            param="compaction",
-        )
+        if record.messages is None:
+            raise CompactionError(
+                f"{handle_id} was made from a prompt: use it with /v1/completions",
+                param="compaction",
+            )
+        whole = request.model_copy(deep=True)
+        whole.messages = [*record.messages, *request.messages]
+        ids = await self._render(whole)
+        prefix = record.prefix_ids
+        if ids[: len(prefix)] != prefix or len(ids) == len(prefix):
+            raise CompactionError(
+                "the chat template does not render the compacted messages as a prefix of this "
+                "conversation",
+                param="messages",
+            )
+        return self._placed(record, handle_id, ids[len(prefix) :])
 
     def _placed(self, record: HandleRecord, handle_id: str, ids: list[int]):
         if record.slots + len(ids) > self.max_model_len:
@@ -201,7 +223,15 @@ class CompactionService:
             else:
                 ids = list(request.prompt)
             return ids, []
-        raise CompactionError("compacting 'messages' is not supported yet", param="messages")
+        ids = await self._render(self._chat_request(request.model, request.messages))
+        tokenizer = self.engine.get_tokenizer()
+        text = tokenizer.apply_chat_template(request.messages, tokenize=False)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if encoded["input_ids"] != ids:  # cannot map the template: keep only the first tokens
+            return ids, []
+        contents = [m.get("content") or "" for m in request.messages]
+        spans = verbatim_spans(encoded["offset_mapping"], text, contents)
+        return ids, [list(span) for span in spans]
 
     async def _capture_prompt(
         self, request: CompactRequest, ids: list[int]
@@ -209,16 +239,39 @@ class CompactionService:
         """Tokens to prefill, which positions' queries to keep, and the query source used."""
         total = len(ids)
         if request.queries == "repeat":
-            tokenizer = self.engine.get_tokenizer()
-            instruction = tokenizer.encode(
-                f"\n\n{REPEAT_INSTRUCTION}\n\n", add_special_tokens=False
-            )
-            repeated = ids + instruction + ids
+            repeated = await self._repeated(request, ids)
             # Repeat queries need about 2T positions; past the context, fall back to causal
             # context queries and say so in the answer.
-            if len(repeated) + 1 <= self.max_model_len:
+            if repeated and len(repeated) + 1 <= self.max_model_len:
                 return repeated, (total, len(repeated)), "repeat"
         return ids, (0, total), "context"
+
+    async def _render(self, request: Any) -> list[int]:
+        rendered = await self.chat_serving.render_chat_request(request)
+        if not isinstance(rendered, tuple):
+            raise CompactionError(rendered.error.message, status=rendered.error.code)
+        return list(rendered[1][0]["prompt_token_ids"])
+
+    async def _repeated(self, request: CompactRequest, ids: list[int]) -> list[int]:
+        """The context, a request to repeat it, and the context again (its queries are kept)."""
+        if request.kind == "prompt":
+            text = f"\n\n{REPEAT_INSTRUCTION}\n\n"
+            instruction = self.engine.get_tokenizer().encode(text, add_special_tokens=False)
+            return ids + instruction + ids
+        body = "\n\n".join(str(m.get("content") or "") for m in request.messages)
+        turns = [
+            {"role": "user", "content": REPEAT_INSTRUCTION},
+            {"role": "assistant", "content": body},
+        ]
+        messages = [*request.messages, *turns]
+        repeated = await self._render(self._chat_request(request.model, messages))
+        # A template that renders the context differently inside a longer chat gives no
+        # usable repeat queries.
+        return repeated if repeated[: len(ids)] == ids else []
+
+    @staticmethod
+    def _chat_request(model: str, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
+        return ChatCompletionRequest(model=model, messages=messages, add_generation_prompt=False)
 
 
 def _budget(request: CompactRequest, total: int) -> int:
