@@ -157,3 +157,36 @@ def test_a_handle_request_holds_its_slots_not_the_context(llm, texts):
 def test_plain_requests_report_nothing(llm, texts):
     context, suffix = texts
     assert _run(llm, context + suffix, _params()).kv_transfer_params is None
+
+
+def test_reclaimed_blocks_are_refilled_from_the_host_copy(llm, texts):
+    context, suffix = texts
+    slots = _compact(llm, "cmp_refill", context, budget=len(context) // 5)
+    before = _use(llm, "cmp_refill", slots, suffix)
+    assert llm.reset_prefix_cache()
+    after = _use(llm, "cmp_refill", slots, suffix)
+    assert after.num_cached_tokens == slots
+    assert after.outputs[0].token_ids == before.outputs[0].token_ids
+    assert _sampled_logprobs(after) == _sampled_logprobs(before)
+
+
+def test_plain_requests_batched_with_handle_requests_stay_within_1e5(llm, texts):
+    from vllm import TokensPrompt
+
+    context, suffix = texts
+    slots = _compact(llm, "cmp_batch", context, budget=len(context) // 10)
+    plain_ids = context[:120] + suffix
+    alone = _run(llm, plain_ids, _params())
+    handle = TokensPrompt(prompt_token_ids=[0] * slots + suffix, cache_salt="cmp_batch")
+    params = [_params(extra_args=_transfer({"handle": "cmp_batch", "slots": slots})), _params()]
+    batched = llm.generate(
+        [handle, TokensPrompt(prompt_token_ids=plain_ids)], params, use_tqdm=False
+    )
+    assert batched[0].kv_transfer_params is not None  # the batch really had a handle request
+    assert batched[1].outputs[0].token_ids == alone.outputs[0].token_ids
+    torch.testing.assert_close(
+        torch.tensor(_sampled_logprobs(batched[1])),
+        torch.tensor(_sampled_logprobs(alone)),
+        atol=1e-5,
+        rtol=0,
+    )

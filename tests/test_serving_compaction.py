@@ -21,7 +21,9 @@ MODEL = "tiny"
 def server(tiny_llama_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = [str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32"]
-    with served([*args, "--block-size", "32", "--max-model-len", "2048"], log) as base:
+    # Small prefill chunks: captures and handle requests span several engine steps.
+    args += ["--block-size", "32", "--max-model-len", "2048", "--max-num-batched-tokens", "128"]
+    with served(args, log) as base:
         yield base
 
 
@@ -155,20 +157,27 @@ def test_deleting_a_handle_mid_stream_does_not_corrupt_the_stream(client, contex
         client.completions.create(model=MODEL, prompt="x", max_tokens=1, extra_body=extra)
 
 
-def test_concurrent_sessions_on_one_handle_match_sequential_runs(client, context):
-    handle = _compact(client, prompt=context, ratio=10)
-    prompts = [f" Fact {i}:" for i in range(16)]
+def test_concurrent_chat_sessions_on_one_handle_match_sequential_runs(client, context):
+    history = [{"role": "user", "content": f"Read this:\n{context}"}]
+    handle = _compact(client, messages=history, ratio=10)
+    questions = [[{"role": "user", "content": f"Tell me fact number {i}."}] for i in range(16)]
 
-    def run(prompt: str, use_handle: bool):
+    def run(messages: list[dict], use_handle: bool):
         extra = {"compaction": handle["id"]} if use_handle else {}
-        out = client.completions.create(
-            model=MODEL, prompt=prompt, max_tokens=12, temperature=0, logprobs=1, extra_body=extra
+        out = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=12,
+            temperature=0,
+            logprobs=True,
+            extra_body=extra,
         )
         transfer = (out.model_extra or {}).get("kv_transfer_params") or {}
         blocks = transfer.get("compaction", {}).get("blocks", [])
-        return out.choices[0].text, out.choices[0].logprobs.token_logprobs, blocks
+        logprobs = [t.logprob for t in out.choices[0].logprobs.content]
+        return out.choices[0].message.content, logprobs, blocks
 
-    jobs = [(p, True) for p in prompts] + [(context[:200] + p, False) for p in prompts]
+    jobs = [(q, True) for q in questions] + [(q, False) for q in questions]
     sequential = [run(*job) for job in jobs]
     with ThreadPoolExecutor(max_workers=32) as pool:
         concurrent = list(pool.map(lambda job: run(*job), jobs))
