@@ -23,11 +23,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def served(args: list[str], log: Path, env: dict[str, str] | None = None) -> Iterator[str]:
-    """Start the server, wait for /health, yield its base URL, stop it with SIGTERM."""
+def served(
+    args: list[str],
+    log: Path,
+    env: dict[str, str] | None = None,
+    command: list[str] | None = None,
+) -> Iterator[str]:
+    """Start `vllm-compaction serve ARGS` (or `command`), wait for /health, yield the base URL,
+    stop it with SIGTERM."""
     port = free_port()
     cli = Path(sys.executable).with_name("vllm-compaction")
-    cmd = [str(cli), "serve", *args, "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [*(command or [str(cli), "serve", *args]), "--host", "127.0.0.1", "--port", str(port)]
     with log.open("w") as out:
         proc = subprocess.Popen(
             cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}

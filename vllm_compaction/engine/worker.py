@@ -29,7 +29,12 @@ class CompactionWorkerExtension:
         ([start, end) spans kept verbatim), method, causal (queries see only earlier keys).
         """
         began = time.perf_counter()
-        capture = STATE.captures.pop(key)
+        capture = STATE.captures.pop(key, None)
+        if capture is None or not capture.keys:
+            raise RuntimeError(
+                "no rows were recorded for this context: the compaction attention backend runs "
+                "on CPU platforms only so far"
+            )
         keys, values, queries, positions = _stack(capture, self.model_runner)
         compacted = compact_cache(
             keys,

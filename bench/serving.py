@@ -1,0 +1,218 @@
+"""Serving benchmark: /v1/compact against a plain prefill, sessions per KV budget, decode speed,
+and what the plugin costs requests that use no handle.
+
+    python -m bench.serving [--quick]
+
+Runs SmolLM2-135M-Instruct (bf16, the served default) on SQuAD articles through real servers on
+127.0.0.1; prints a table, writes bench/results/serving.json and docs/benchmarks-serving.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import openai
+from transformers import AutoTokenizer
+
+from bench.report import markdown_table, write_json
+from tests.server import served
+from vllm_compaction import documents, models
+
+MODEL = "smollm2-135m"
+BLOCK = 128  # vLLM's CPU default
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-serving.md"
+
+
+def _context(tokenizer, article: int, tokens: int) -> list[int]:
+    text = " ".join(p["context"] for p in documents.squad()["data"][article]["paragraphs"])
+    ids = tokenizer(text)["input_ids"]
+    if len(ids) < tokens:
+        raise SystemExit(f"article {article} has only {len(ids)} tokens")
+    return ids[:tokens]
+
+
+def _compact_vs_prefill(client, contexts: list[list[int]]) -> list[dict]:
+    rows = []
+    for ids in contexts:
+        began = time.perf_counter()
+        client.completions.create(
+            model=MODEL,
+            prompt=ids,
+            max_tokens=1,
+            extra_body={"cache_salt": f"bench-{time.time_ns()}"},
+        )  # no prefix-cache hit
+        prefill = time.perf_counter() - began
+        for queries in ("context", "repeat"):
+            body = {"model": MODEL, "prompt": ids, "ratio": 20, "queries": queries}
+            began = time.perf_counter()
+            handle = client.post("/compact", body=body, cast_to=object)
+            elapsed = time.perf_counter() - began
+            client.delete(f"/compactions/{handle['id']}", cast_to=object)
+            rows.append(
+                {
+                    "tokens": len(ids),
+                    "queries": handle["queries"],
+                    "prefill_s": prefill,
+                    "compact_s": elapsed,
+                    "x_prefill": elapsed / prefill,
+                    "compact_stage_s": handle["timing"]["compact_s"],
+                }
+            )
+    return rows
+
+
+def _decode_speed(client, ids: list[int], tokens: int) -> dict:
+    handle = client.post(
+        "/compact",
+        body={"model": MODEL, "prompt": ids, "ratio": 20, "queries": "context"},
+        cast_to=object,
+    )
+    question = " Summarise the text above in one sentence."
+    sampling = dict(model=MODEL, max_tokens=tokens, temperature=0, extra_body={})
+
+    def rate(**kwargs) -> tuple[float, int]:
+        began = time.perf_counter()
+        out = client.completions.create(**{**sampling, **kwargs})
+        transfer = (out.model_extra or {}).get("kv_transfer_params") or {}
+        blocks = len(transfer.get("compaction", {}).get("blocks", []))
+        return out.usage.completion_tokens / (time.perf_counter() - began), blocks
+
+    full_rate, _ = rate(prompt=ids + _encode(question))
+    compact_rate, blocks = rate(prompt=question, extra_body={"compaction": handle["id"]})
+    client.delete(f"/compactions/{handle['id']}", cast_to=object)
+    return {
+        "full_tok_s": full_rate,
+        "compacted_tok_s": compact_rate,
+        "handle_blocks": blocks,
+        "compacted_tokens": handle["compacted_tokens"],
+        "session_tokens": len(_encode(question)) + tokens,
+    }
+
+
+def _plain_throughput(base: str, prompts: list[str], tokens: int) -> float:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
+
+    def one(prompt: str) -> int:
+        out = client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=tokens, temperature=0
+        )
+        return out.usage.completion_tokens
+
+    began = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        generated = sum(pool.map(one, prompts))
+    return generated / (time.perf_counter() - began)
+
+
+_TOKENIZER = None
+
+
+def _encode(text: str) -> list[int]:
+    return _TOKENIZER(text, add_special_tokens=False)["input_ids"]
+
+
+def main() -> None:
+    global _TOKENIZER
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer lengths and requests")
+    args = parser.parse_args()
+    model_dir = models.pull(MODEL)
+    _TOKENIZER = AutoTokenizer.from_pretrained(model_dir)
+    lengths = [1024, 2048] if args.quick else [1024, 2048, 4096]
+    contexts = [_context(_TOKENIZER, i, n) for i, n in enumerate(lengths)]
+    logs = Path("bench/results")
+    logs.mkdir(parents=True, exist_ok=True)
+
+    with served([], logs / "serving-plugin.log") as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600)
+        compaction = _compact_vs_prefill(client, contexts)
+        decode = _decode_speed(client, contexts[-1], 64 if args.quick else 128)
+        prompts = [f"Fact {i} about the Normans:" for i in range(16 if args.quick else 48)]
+        with_plugin = _plain_throughput(base, prompts, 32)
+
+    stock_cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry"]
+    with served(
+        [],
+        logs / "serving-stock.log",
+        env={"VLLM_PLUGINS": ""},
+        command=[
+            *stock_cmd,
+            "--model",
+            str(model_dir),
+            "--served-model-name",
+            MODEL,
+            "--enforce-eager",
+            "--kv-cache-memory-bytes",
+            str(4 << 30),
+        ],
+    ) as base:
+        without_plugin = _plain_throughput(base, prompts, 32)
+
+    full_blocks = -(-(lengths[-1] + decode["session_tokens"]) // BLOCK)
+    sessions = {
+        "full_context_blocks": full_blocks,
+        "handle_session_blocks": decode["handle_blocks"],
+        "sessions_gain": full_blocks / decode["handle_blocks"],
+    }
+    result = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "compact_vs_prefill": compaction,
+        "decode": decode,
+        "sessions_per_budget": sessions,
+        "plain_tok_s": {
+            "with_plugin": with_plugin,
+            "without_plugin": without_plugin,
+            "loss": 1 - with_plugin / without_plugin,
+        },
+    }
+    write_json("serving", result)
+    DOC.write_text(_markdown(result))
+    print(DOC.read_text())
+
+
+def _markdown(result: dict) -> str:
+    rows = [
+        [r["tokens"], r["queries"], r["prefill_s"], r["compact_s"], r["x_prefill"]]
+        for r in result["compact_vs_prefill"]
+    ]
+    compact = markdown_table(["tokens", "queries", "prefill s", "/v1/compact s", "x prefill"], rows)
+    d, s, p = result["decode"], result["sessions_per_budget"], result["plain_tok_s"]
+    return (
+        "\n\n".join(
+            [
+                "# Serving benchmarks\n\nWritten by `python -m bench.serving`; "
+                f"SmolLM2-135M-Instruct (bf16) on {result['machine']}, CPU only, ratio 20.",
+                "## /v1/compact against a plain prefill of the same context\n\n" + compact,
+                "## Decode speed after a compacted vs a full prefix\n\n"
+                + markdown_table(
+                    ["full tok/s", "compacted tok/s", "compacted tokens"],
+                    [[d["full_tok_s"], d["compacted_tok_s"], d["compacted_tokens"]]],
+                ),
+                "## KV blocks per session (one session per document)\n\n"
+                + markdown_table(
+                    [
+                        "full context blocks",
+                        "20x handle session blocks",
+                        "sessions per budget gain",
+                    ],
+                    [[s["full_context_blocks"], s["handle_session_blocks"], s["sessions_gain"]]],
+                ),
+                "## Requests without a handle\n\n"
+                + markdown_table(
+                    ["with plugin tok/s", "without plugin tok/s", "loss"],
+                    [[p["with_plugin"], p["without_plugin"], p["loss"]]],
+                ),
+            ]
+        )
+        + "\n"
+    )
+
+
+if __name__ == "__main__":
+    main()
