@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 PARAMS_KEY = "compaction"
@@ -34,29 +35,49 @@ class Handle:
 
 @dataclass
 class Capture:
-    """Rows recorded while a capture request is prefilled, per layer index, in position order.
+    """Rows recorded while a capture request is prefilled, per layer index.
 
     Keys and values of positions [0, context_len); queries of [query_start, query_end).
+    Chunks arrive in step order; a preempted and recomputed request sends positions again.
     """
 
     context_len: int
     query_start: int
     query_end: int
-    keys: dict[int, list[Tensor]] = field(default_factory=dict)
-    values: dict[int, list[Tensor]] = field(default_factory=dict)
-    queries: dict[int, list[Tensor]] = field(default_factory=dict)
-    positions: dict[int, list[Tensor]] = field(default_factory=dict)
+    chunks: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = field(default_factory=dict)
 
     def record(self, layer: int, positions: Tensor, q: Tensor, k: Tensor, v: Tensor) -> None:
         """Keep this chunk's rows (positions [n], q [n, Hq, D], k/v [n, Hkv, D])."""
-        context = positions < self.context_len
-        if context.any():
-            self.keys.setdefault(layer, []).append(k[context].clone())
-            self.values.setdefault(layer, []).append(v[context].clone())
-        wanted = (positions >= self.query_start) & (positions < self.query_end)
-        if wanted.any():
-            self.queries.setdefault(layer, []).append(q[wanted].clone())
-            self.positions.setdefault(layer, []).append(positions[wanted].clone())
+        needed = (positions < self.context_len) | (positions >= self.query_start)
+        needed &= positions < max(self.context_len, self.query_end)
+        rows = (positions[needed], q[needed], k[needed], v[needed])
+        if rows[0].numel():
+            self.chunks.setdefault(layer, []).append(rows)
+
+    def layers(self) -> list[int]:
+        return sorted(self.chunks)
+
+    def rows(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values [T, Hkv, D] of the context and queries [m, Hq, D] of the query range,
+        by position (a position recorded twice keeps its last rows)."""
+        chunks = self.chunks[layer]
+        _, q0, k0, _ = chunks[0]
+        keys = k0.new_empty((self.context_len, *k0.shape[1:]))
+        values = torch.empty_like(keys)
+        queries = q0.new_empty((self.query_end - self.query_start, *q0.shape[1:]))
+        seen_kv = torch.zeros(self.context_len, dtype=torch.bool)
+        seen_q = torch.zeros(queries.shape[0], dtype=torch.bool)
+        for positions, q, k, v in chunks:
+            context = positions < self.context_len
+            keys[positions[context]] = k[context]
+            values[positions[context]] = v[context]
+            seen_kv[positions[context]] = True
+            wanted = (positions >= self.query_start) & (positions < self.query_end)
+            queries[positions[wanted] - self.query_start] = q[wanted]
+            seen_q[positions[wanted] - self.query_start] = True
+        if not (seen_kv.all() and seen_q.all()):
+            raise RuntimeError("the capture is missing positions (was the prefill cut short?)")
+        return keys, values, queries
 
 
 @dataclass

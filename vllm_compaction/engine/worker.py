@@ -30,12 +30,12 @@ class CompactionWorkerExtension:
         """
         began = time.perf_counter()
         capture = STATE.captures.pop(key, None)
-        if capture is None or not capture.keys:
+        if capture is None or not capture.chunks:
             raise RuntimeError(
                 "no rows were recorded for this context: the compaction attention backend runs "
                 "on CPU platforms only so far"
             )
-        keys, values, queries, positions = _stack(capture, self.model_runner)
+        keys, values, queries, positions = _stack(capture)
         compacted = compact_cache(
             keys,
             values,
@@ -61,23 +61,25 @@ class CompactionWorkerExtension:
         return {"slots": slots, "compact_s": time.perf_counter() - began}
 
     def compaction_delete(self, key: str) -> bool:
+        """Free a handle, or the rows of a capture that will not be compacted."""
+        STATE.captures.pop(key, None)
         return STATE.handles.pop(key, None) is not None
 
 
-def _stack(capture: Capture, runner) -> tuple[list, list, list, list]:
-    """Per layer: keys/values [Hkv, T, D], queries pooled per KV head [Hkv, n*g, D], positions."""
+def _stack(capture: Capture) -> tuple[list, list, list, list]:
+    """Per layer: keys/values [Hkv, T, D], queries pooled per KV head [Hkv, m*g, D] and their
+    positions [Hkv, m*g]."""
     keys, values, queries, positions = [], [], [], []
-    for layer in sorted(capture.keys):
-        k = torch.cat(capture.keys[layer]).transpose(0, 1)
-        keys.append(k)
-        values.append(torch.cat(capture.values[layer]).transpose(0, 1))
-        q = torch.cat(capture.queries[layer])  # [n, Hq, D]; query head h reads KV head h // g
-        heads = k.shape[0]
-        n, hq, d = q.shape
-        pooled = q.reshape(n, heads, hq // heads, d).permute(1, 2, 0, 3).reshape(heads, -1, d)
-        queries.append(pooled)
-        p = torch.cat(capture.positions[layer])
-        positions.append(p.repeat(hq // heads)[None].expand(heads, -1))
+    span = torch.arange(capture.query_start, capture.query_end)
+    for layer in capture.layers():
+        k, v, q = capture.rows(layer)
+        heads, group = k.shape[1], q.shape[1] // k.shape[1]
+        keys.append(k.transpose(0, 1))
+        values.append(v.transpose(0, 1))
+        # Query head h reads KV head h // group: pool a group's heads along the query axis.
+        pooled = q.reshape(q.shape[0], heads, group, -1).permute(1, 2, 0, 3)
+        queries.append(pooled.reshape(heads, group * q.shape[0], -1))
+        positions.append(span.repeat(group)[None].expand(heads, -1))
     return keys, values, queries, positions
 
 

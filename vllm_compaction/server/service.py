@@ -96,10 +96,6 @@ class CompactionService:
         )
         # A fresh salt: a prefix-cache hit would skip the forward that records the rows.
         prompt = tokens_input(capture_ids, cache_salt=f"{handle_id}-capture")
-        async for _ in self.engine.generate(prompt, params, f"compact-{uuid.uuid4().hex}"):
-            pass
-        prefilled = time.perf_counter()
-
         options = {
             "budget": budget,
             "keep_first": request.keep_first,
@@ -108,11 +104,18 @@ class CompactionService:
             "causal": queries == "context",
         }
         try:
+            async for _ in self.engine.generate(prompt, params, f"compact-{uuid.uuid4().hex}"):
+                pass
+            prefilled = time.perf_counter()
             replies = await self.engine.collective_rpc(
                 "compaction_compact", args=(handle_id, options)
             )
-        except Exception as error:  # the worker validates the budget against what it keeps
-            raise CompactionError(f"compaction failed: {error}") from error
+        except BaseException as error:
+            # Cancelled (client gone) or failed: drop the recorded rows on the workers.
+            await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
+            if isinstance(error, Exception):
+                raise CompactionError(f"compaction failed: {error}") from error
+            raise
         slots = replies[0]["slots"]
         done = time.perf_counter()
 

@@ -76,7 +76,7 @@ class AttentionMatching(Method):
 
     beta_min: float = -3.0
     beta_max: float = 3.0
-    relative_mass: bool = False
+    relative_mass: bool = True
     mass_ridge: float = 1e-6
     mass_steps: int = 20
     value_ridge: float = 1e-2

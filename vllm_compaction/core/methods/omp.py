@@ -46,20 +46,22 @@ class AMOmp(AttentionMatching):
     Zweiger et al., arXiv 2602.16284.
 
     Args:
-        keys_per_step: keys added between refits.
+        keys_per_step: keys added between refits; None adds ceil(budget / 32) per head, so a
+            selection costs about 32 refits whatever the budget (one key per step is best
+            but slowest; quality drops once a step adds more than ~1/16 of the budget).
         drop_beta: beta below which a kept key is replaced.
         drop_rounds: drop-and-refill rounds after the first fill.
     """
 
     beta_min: float = -12.0  # below drop_beta, so useless keys show up and get replaced
     beta_max: float = 7.0
-    keys_per_step: int = 4
+    keys_per_step: int | None = None
     drop_beta: float = -7.0
     drop_rounds: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.keys_per_step < 1:
+        if self.keys_per_step is not None and self.keys_per_step < 1:
             raise ValueError(f"keys_per_step must be >= 1, got {self.keys_per_step}")
 
     def select(self, problem: Problem) -> Tensor:
@@ -100,18 +102,23 @@ class AMOmp(AttentionMatching):
         """Add keys until every head holds its budget."""
         weights = problem.weights
         n, t = state.design.shape[1:]
+        # Per-head step sizes keep each head's sequence of additions what it would be alone.
+        if self.keys_per_step is None:
+            per_step = (problem.budgets + 31) // 32
+        else:
+            per_step = torch.full_like(problem.budgets, self.keys_per_step)
         while True:
-            free = problem.budgets - state.filled
-            k = min(int(free.max()), self.keys_per_step)
+            quota = torch.minimum(problem.budgets - state.filled, per_step)
+            k = int(quota.max())
             if k == 0:
                 return
             residual = z - torch.bmm(state.design, state.w[..., None]).squeeze(-1)
             corr = torch.bmm((u * residual)[:, None, :], weights).squeeze(1)
             corr = corr.masked_fill(avoid, -torch.finfo(corr.dtype).max)
             cand = corr.masked_fill(state.taken, -math.inf).topk(k, dim=1).indices
-            take = torch.arange(k, device=free.device) < free[:, None]
+            take = torch.arange(k, device=quota.device) < quota[:, None]
             pos = (state.slots >= 0).int().argsort(dim=1, stable=True)[:, :k]  # free slots first
-            # Slots past a head's free count are rewritten with their own content (a no-op).
+            # Slots past a head's quota are rewritten with their own content (a no-op).
             new = torch.where(take, cand, state.slots.gather(1, pos))
             state.slots.scatter_(1, pos, new)
             cols = gather_columns(weights, new).mul_(u[..., None])
