@@ -7,9 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 from transformers import AutoTokenizer
 
+from tests.compare import assert_same_greedy
 from tests.server import served
 from vllm_compaction import documents
 
@@ -43,8 +43,16 @@ def _compact(client, **body):
     return client.post("/compact", body={"model": MODEL, **body}, cast_to=object)
 
 
-def _logprobs(completion) -> torch.Tensor:
-    return torch.tensor(completion.choices[0].logprobs.token_logprobs)
+def _assert_same_greedy(a, b) -> None:
+    """Completions logprobs (tokens + top_logprobs) of two greedy runs agree to 1e-4."""
+    assert_same_greedy(a.tokens, a.top_logprobs, b.tokens, b.top_logprobs, atol=1e-4)
+
+
+def _chat_steps(choice) -> tuple[list[str], list[dict[str, float]]]:
+    content = choice.logprobs.content
+    return [t.token for t in content], [
+        {x.token: x.logprob for x in t.top_logprobs} for t in content
+    ]
 
 
 def test_ratio_one_handle_continues_like_the_full_prompt(client, context, tiny_llama_dir):
@@ -56,13 +64,12 @@ def test_ratio_one_handle_continues_like_the_full_prompt(client, context, tiny_l
     assert handle["queries"] == "context"
 
     question = tokenizer(" Who is it about?")["input_ids"]
-    sampling = dict(model=MODEL, max_tokens=8, temperature=0, logprobs=1)
+    sampling = dict(model=MODEL, max_tokens=8, temperature=0, logprobs=5)
     used = client.completions.create(
         prompt=question, extra_body={"compaction": handle["id"]}, **sampling
     )
     full = client.completions.create(prompt=ids + question, **sampling)
-    assert used.choices[0].text == full.choices[0].text
-    torch.testing.assert_close(_logprobs(used), _logprobs(full), atol=1e-4, rtol=0)
+    _assert_same_greedy(used.choices[0].logprobs, full.choices[0].logprobs)
 
 
 def test_handle_lifecycle_and_streaming(client, context):
@@ -170,29 +177,24 @@ def test_concurrent_chat_sessions_on_one_handle_match_sequential_runs(client, co
             max_tokens=12,
             temperature=0,
             logprobs=True,
+            top_logprobs=3,
             extra_body=extra,
         )
         transfer = (out.model_extra or {}).get("kv_transfer_params") or {}
-        blocks = transfer.get("compaction", {}).get("blocks", [])
-        logprobs = [t.logprob for t in out.choices[0].logprobs.content]
-        return out.choices[0].message.content, logprobs, blocks
+        return _chat_steps(out.choices[0]), transfer.get("compaction", {}).get("blocks", [])
 
     jobs = [(q, True) for q in questions] + [(q, False) for q in questions]
     sequential = [run(*job) for job in jobs]
     with ThreadPoolExecutor(max_workers=32) as pool:
         concurrent = list(pool.map(lambda job: run(*job), jobs))
-    for (text, logprobs, _), (seq_text, seq_logprobs, _) in zip(
-        concurrent, sequential, strict=True
-    ):
-        assert text == seq_text
-        torch.testing.assert_close(
-            torch.tensor(logprobs), torch.tensor(seq_logprobs), atol=1e-3, rtol=0
-        )
+    for (steps, _), (seq_steps, _) in zip(concurrent, sequential, strict=True):
+        # Prefill chunking differs under load, and with it the rounding: ties may flip.
+        assert_same_greedy(*steps, *seq_steps, atol=1e-3)
     # Every session read the handle from the same blocks: its KV exists once.
     slot_blocks = -(-handle["compacted_tokens"] // 32)
-    shared = {tuple(blocks[:slot_blocks]) for _, _, blocks in concurrent[:16]}
+    shared = {tuple(blocks[:slot_blocks]) for _, blocks in concurrent[:16]}
     assert len(shared) == 1 and len(next(iter(shared))) == slot_blocks
-    assert all(blocks == [] for _, _, blocks in concurrent[16:])
+    assert all(blocks == [] for _, blocks in concurrent[16:])
 
 
 def test_chat_on_a_messages_handle_continues_the_conversation(client, context):
@@ -205,19 +207,13 @@ def test_chat_on_a_messages_handle_continues_the_conversation(client, context):
     handle = _compact(client, messages=history, ratio=1, queries="context")
     assert handle["kind"] == "messages" and handle["ratio"] == 1
 
-    sampling = dict(model=MODEL, max_tokens=8, temperature=0, logprobs=True)
+    sampling = dict(model=MODEL, max_tokens=8, temperature=0, logprobs=True, top_logprobs=5)
     used = client.chat.completions.create(
         messages=follow_up, extra_body={"compaction": handle["id"]}, **sampling
     )
     full = client.chat.completions.create(messages=history + follow_up, **sampling)
-    assert used.choices[0].message.content == full.choices[0].message.content
     assert used.usage.completion_tokens == full.usage.completion_tokens == 8
-    torch.testing.assert_close(
-        torch.tensor([t.logprob for t in used.choices[0].logprobs.content]),
-        torch.tensor([t.logprob for t in full.choices[0].logprobs.content]),
-        atol=1e-4,
-        rtol=0,
-    )
+    assert_same_greedy(*_chat_steps(used.choices[0]), *_chat_steps(full.choices[0]))
 
     compacted = _compact(client, messages=history, ratio=8)
     assert compacted["queries"] == "repeat"

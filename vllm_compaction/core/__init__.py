@@ -1,6 +1,23 @@
 """Engine-free Attention Matching: compact a layer's KV cache to keys, biases and values.
 
 Pure torch; nothing here imports vLLM or transformers.
+
+Layout (one concern per module):
+    compact.py     compact_layer, the entry point (validate, subsample queries, run a method)
+    cache.py       compact_cache: every layer, sinks and protected spans kept verbatim
+    methods/       selection methods (registry in METHODS); base.py holds the shared flow
+    fit.py         the fit shared by Attention Matching methods: beta (NNLS), values (ridge LS)
+    problem.py     one layer's inputs and the attention statistics methods read
+    attention.py   reference attention, logits with causal masks, safe exponentials
+    linalg.py      batched ridge solves that never return NaN
+    metrics.py     held-out errors of a compact cache (output and log-mass)
+    validation.py  input checks; indexing.py: per-head gathers; compacted.py: the result type
+
+Defaults of the fit (``AttentionMatching`` in methods/base.py, tuned on synthetic layers and
+on captured Qwen2.5-Coder-0.5B / SmolLM2-135M layers, held-out queries, with later tokens):
+relative mass weighting (rows by 1/y), beta in [-3, 3] (am-omp: [-12, 7]), mass ridge 1e-6,
+20 projected-gradient steps, value ridge 1e-2 toward the original values, at most 8192
+reference queries per head (seeded subsampling).
 """
 
 from .attention import attention

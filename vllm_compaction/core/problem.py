@@ -46,7 +46,7 @@ class Problem:
             return logits(self.queries, self.keys, self.scale, self.bias, self.query_positions)
         keys = self.keys.gather(1, indices[..., None].expand(-1, -1, self.keys.shape[-1]))
         bias = self.bias.gather(1, indices)
-        return logits(self.queries, keys, self.scale, bias)
+        return logits(self.queries, keys, self.scale, bias, self.query_positions, indices)
 
     @cached_property
     def _shifted(self) -> tuple[Tensor, Tensor]:

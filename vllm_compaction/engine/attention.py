@@ -1,7 +1,7 @@
 """CPU attention backend that records capture requests and adds beta to compacted slots.
 
-Batches with no compaction row take the stock kernel unchanged. A batch with a request that
-reads a handle runs a plain-torch attention (fp32) in which the handle's slots carry their bias.
+Every batch runs the stock kernel; the rows of requests that read a handle are then recomputed
+by a plain-torch attention (fp32) in which the handle's slots carry their bias.
 """
 
 from __future__ import annotations
@@ -42,47 +42,34 @@ class CompactionAttentionImpl(CPUAttentionBackendImpl):
                 row.capture.record(
                     layer_index, positions, query[start:end], key[start:end], value[start:end]
                 )
-        if all(row.handle is None for row in rows):
-            return super().forward(
-                layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
-            )
-        self._check_supported()
-        biased = {row.index: row for row in rows if row.handle is not None}
-        for index in range(num_reqs):
-            start, end = starts[index], starts[index + 1]
+        # The stock kernel runs the whole batch, so requests without a handle get exactly
+        # what they would get without the plugin; handle rows are then recomputed with beta.
+        super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+        for row in rows:
+            if row.handle is None:
+                continue
+            self._check_supported()
+            start, end = starts[row.index], starts[row.index + 1]
             output[start:end] = self._attend(
-                query[start:end],
-                kv_cache,
-                attn_metadata,
-                index,
-                seq_lens[index],
-                biased.get(index),
-                layer_index,
+                query[start:end], kv_cache, attn_metadata, row, seq_lens[row.index], layer_index
             ).to(output.dtype)
         return output
 
     def _attend(
-        self,
-        query: Tensor,
-        kv_cache: Tensor,
-        metadata,
-        index: int,
-        length: int,
-        row: Row | None,
-        layer_index: int,
+        self, query: Tensor, kv_cache: Tensor, metadata, row: Row, length: int, layer_index: int
     ) -> Tensor:
-        """Causal attention [n, Hq, D] of one sequence's new queries over its cached keys."""
+        """Causal attention [n, Hq, D] of one sequence's new queries over its cached keys,
+        with the handle's bias on its slots."""
         block_size = kv_cache.shape[2]
-        blocks = metadata.block_table[index, : math.ceil(length / block_size)]
+        blocks = metadata.block_table[row.index, : math.ceil(length / block_size)]
         keys, values = paged_rows(kv_cache, blocks, length)
         group = self.num_queries_per_kv
         keys = keys.float().repeat_interleave(group, dim=0)
         values = values.float().repeat_interleave(group, dim=0)
         q = query.float().transpose(0, 1)  # [Hq, n, D]
         scores = torch.matmul(q, keys.transpose(1, 2)).mul_(self.scale)  # [Hq, n, L]
-        if row is not None:
-            bias = row.handle.bias[layer_index].repeat_interleave(group, dim=0)
-            scores[:, :, : bias.shape[1]] += bias[:, None, :]
+        bias = row.handle.bias[layer_index].repeat_interleave(group, dim=0)
+        scores[:, :, : bias.shape[1]] += bias[:, None, :]
         n = q.shape[1]
         positions = torch.arange(length - n, length)
         future = torch.arange(length)[None, :] > positions[:, None]
