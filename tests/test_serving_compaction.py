@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from tests.compare import assert_same_greedy
@@ -225,3 +226,43 @@ def test_chat_on_a_messages_handle_continues_the_conversation(client, context):
         client.completions.create(
             model=MODEL, prompt="x", max_tokens=1, extra_body={"compaction": compacted["id"]}
         )
+
+
+def _metrics(server: str) -> dict[tuple[str, tuple], float]:
+    text = httpx.get(f"{server}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("vllm_compaction:")
+    }
+
+
+def test_metrics_count_compactions_handles_and_requests(server, client, context):
+    before = _metrics(server)
+    handle = _compact(client, prompt=context, ratio=10, queries="context")
+    client.completions.create(
+        model=MODEL, prompt=" So", max_tokens=2, extra_body={"compaction": handle["id"]}
+    )
+    httpx.post(f"{server}/v1/compact", json={"model": MODEL, "prompt": "x", "method": "nope"})
+    during = _metrics(server)
+    client.delete(f"/compactions/{handle['id']}", cast_to=object)
+    after = _metrics(server)
+
+    def delta(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return during.get(key, 0.0) - before.get(key, 0.0)
+
+    ok = {"method": "am-highest", "outcome": "ok"}
+    assert delta("vllm_compaction:compactions_total", **ok) == 1
+    refused = {"method": "nope", "outcome": "refused"}
+    assert delta("vllm_compaction:compactions_total", **refused) == 1
+    assert delta("vllm_compaction:tokens_total", direction="in") == handle["original_tokens"]
+    assert delta("vllm_compaction:tokens_total", direction="out") == handle["compacted_tokens"]
+    assert delta("vllm_compaction:handle_requests_total", endpoint="completions") == 1
+    assert delta("vllm_compaction:seconds_count", stage="total") == 1
+    assert delta("vllm_compaction:handles") == 1
+    # 4 layers x 2 KV heads x 64 slots x (64 + 64 fp32 dims + 1 bias) x 4 bytes
+    assert delta("vllm_compaction:handle_bytes") == 4 * 2 * 64 * 129 * 4
+    gone = ("vllm_compaction:handle_bytes", ())
+    assert after[gone] == before.get(gone, 0.0)

@@ -58,7 +58,8 @@ class CompactionWorkerExtension:
             handle.values.append(_pad(layer.values.to(dtype), pad))
             handle.bias.append(_pad(layer.bias.float(), pad, -math.inf))
         STATE.handles[key] = handle
-        return {"slots": slots, "compact_s": time.perf_counter() - began}
+        size = sum(t.nbytes for part in (handle.keys, handle.values, handle.bias) for t in part)
+        return {"slots": slots, "bytes": size, "compact_s": time.perf_counter() - began}
 
     def compaction_delete(self, key: str) -> bool:
         """Free a handle, or the rows of a capture that will not be compacted."""

@@ -17,6 +17,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.api_router import create_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
+from vllm_compaction.server import metrics
 from vllm_compaction.server.protocol import CompactionDeleted, CompactRequest
 from vllm_compaction.server.service import CompactionError, CompactionService
 
@@ -80,6 +81,7 @@ async def completions(request: CompletionRequest, raw: Request):
     request.prompt = ids
     request.cache_salt = salt
     request.kv_transfer_params = params
+    metrics.HANDLE_REQUESTS.labels("completions").inc()
     return await _holding(_service(raw), handle_id, create_completion(request, raw))
 
 
@@ -97,6 +99,7 @@ async def chat_completions(request: ChatCompletionRequest, raw: Request):
     # vLLM feeds kv_transfer_params["prompt_token_ids"] to the engine instead of re-templating.
     request.kv_transfer_params = {**params, "prompt_token_ids": ids}
     request.cache_salt = salt
+    metrics.HANDLE_REQUESTS.labels("chat").inc()
     return await _holding(_service(raw), handle_id, create_chat_completion(request, raw))
 
 

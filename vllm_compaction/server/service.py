@@ -20,6 +20,7 @@ from vllm.inputs.engine import tokens_input
 
 from vllm_compaction.core import METHODS
 from vllm_compaction.engine.state import PARAMS_KEY
+from vllm_compaction.server import metrics
 from vllm_compaction.server.protocol import (
     DEFAULT_RATIO,
     Compaction,
@@ -47,6 +48,7 @@ class HandleRecord:
     info: Compaction
     prefix_ids: list[int]  # the context's tokens: a chat that continues it must start with them
     slots: int
+    bytes: int  # compacted KV held in worker memory, all workers
     messages: list[dict[str, Any]] | None = None  # what a "messages" handle was made from
 
 
@@ -58,9 +60,28 @@ class CompactionService:
         self.handles: dict[str, HandleRecord] = {}
         # Requests still running on a handle; a deleted handle's KV is freed after the last.
         self.in_use: Counter[str] = Counter()
-        self.deleted: set[str] = set()
+        self.deleted: dict[str, int] = {}  # deleted while in use -> bytes still held
 
     async def compact(self, request: CompactRequest) -> Compaction:
+        try:
+            info = await self._compact(request)
+        except CompactionError:
+            metrics.COMPACTIONS.labels(request.method, "refused").inc()
+            raise
+        except Exception:
+            metrics.COMPACTIONS.labels(request.method, "failed").inc()
+            raise
+        metrics.COMPACTIONS.labels(request.method, "ok").inc()
+        metrics.TOKENS.labels("in").inc(info.original_tokens)
+        metrics.TOKENS.labels("out").inc(info.compacted_tokens)
+        metrics.RATIO.observe(info.ratio)
+        for stage in ("prefill", "compact", "total"):
+            metrics.SECONDS.labels(stage).observe(getattr(info.timing, f"{stage}_s"))
+        metrics.HANDLES.inc()
+        metrics.HANDLE_BYTES.inc(self.handles[info.id].bytes)
+        return info
+
+    async def _compact(self, request: CompactRequest) -> Compaction:
         began = time.perf_counter()
         if request.method not in METHODS:
             known = ", ".join(METHODS)
@@ -143,7 +164,9 @@ class CompactionService:
                 total_s=done - began,
             ),
         )
-        self.handles[handle_id] = HandleRecord(info, ids, slots, request.messages)
+        self.handles[handle_id] = HandleRecord(
+            info, ids, slots, replies[0]["bytes"] * len(replies), request.messages
+        )
         return info
 
     def get(self, handle_id: str) -> HandleRecord:
@@ -153,9 +176,10 @@ class CompactionService:
         return record
 
     async def delete(self, handle_id: str) -> None:
-        self.get(handle_id)
+        record = self.get(handle_id)
         del self.handles[handle_id]
-        self.deleted.add(handle_id)
+        self.deleted[handle_id] = record.bytes
+        metrics.HANDLES.dec()
         await self._free_if_unused(handle_id)
 
     def acquire(self, handle_id: str) -> None:
@@ -167,7 +191,7 @@ class CompactionService:
 
     async def _free_if_unused(self, handle_id: str) -> None:
         if handle_id in self.deleted and self.in_use[handle_id] <= 0:
-            self.deleted.discard(handle_id)
+            metrics.HANDLE_BYTES.dec(self.deleted.pop(handle_id))
             del self.in_use[handle_id]
             await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
 
