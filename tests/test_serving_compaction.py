@@ -113,6 +113,14 @@ def test_handle_lifecycle_and_streaming(client, context):
         ({"prompt": "some text", "model": "no-such-model"}, 404),
         ({"messages": [{"role": "user", "content": "some words " * 20}], "target_tokens": 3}, 400),
         ({"messages": [{"role": "user"}], "ratio": 2}, 400),
+        ({"prompt": [10**9, 5, 6, 7, 8, 9]}, 400),
+        ({"prompt": [-1, 5, 6, 7, 8, 9]}, 400),
+        ({"prompt": "some text", "ratio": "abc"}, 400),
+        ({"prompt": "some text", "keep_first": -1}, 400),
+        ({"prompt": "some text", "target_tokens": 0}, 400),
+        ({"prompt": "some text", "queries": "telepathy"}, 400),
+        ({"prompt": "some text", "surprise": 1}, 400),
+        ({"messages": [{"role": "wizard", "content": "hi there you"}]}, 400),
     ],
 )
 def test_bad_compact_requests_are_refused(server, client, body, status):
@@ -266,3 +274,23 @@ def test_metrics_count_compactions_handles_and_requests(server, client, context)
     assert delta("vllm_compaction:handle_bytes") == 4 * 2 * 64 * 129 * 4
     gone = ("vllm_compaction:handle_bytes", ())
     assert after[gone] == before.get(gone, 0.0)
+
+
+def test_concurrent_compactions_each_get_their_own_context(client, context, tiny_llama_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = tokenizer(context)["input_ids"]
+    documents_ = [ids, list(reversed(ids))]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        handles = list(
+            pool.map(
+                lambda doc: _compact(client, prompt=doc, ratio=1, queries="context"), documents_
+            )
+        )
+    question = tokenizer(" And then?")["input_ids"]
+    sampling = dict(model=MODEL, max_tokens=6, temperature=0, logprobs=5)
+    for doc, handle in zip(documents_, handles, strict=True):
+        used = client.completions.create(
+            prompt=question, extra_body={"compaction": handle["id"]}, **sampling
+        )
+        full = client.completions.create(prompt=doc + question, **sampling)
+        _assert_same_greedy(used.choices[0].logprobs, full.choices[0].logprobs)
