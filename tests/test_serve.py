@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_serve_default_model_answers_completion_and_chat(smollm2_dir, tmp_path):
     log = tmp_path / "server.log"
-    with served([], log) as base:
+    with served([], log, env={"VLLM_COMPACTION_HANDLES_DIR": str(tmp_path / "handles")}) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
 

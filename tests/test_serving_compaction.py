@@ -24,7 +24,8 @@ def server(tiny_llama_dir, tmp_path_factory):
     args = [str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32"]
     # Small prefill chunks: captures and handle requests span several engine steps.
     args += ["--block-size", "32", "--max-model-len", "2048", "--max-num-batched-tokens", "128"]
-    with served(args, log) as base:
+    handles = {"VLLM_COMPACTION_HANDLES_DIR": str(tmp_path_factory.mktemp("handles"))}
+    with served(args, log, env=handles) as base:
         yield base
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from vllm_compaction import store
 from vllm_compaction.core import compact_cache
 from vllm_compaction.engine.rope import shift_positions
 from vllm_compaction.engine.state import STATE, Capture, Handle
 
 WORKER_EXTENSION = f"{__name__}.CompactionWorkerExtension"
+_PARTS = ("keys", "values", "bias")
 
 
 class CompactionWorkerExtension:
@@ -60,6 +63,21 @@ class CompactionWorkerExtension:
         STATE.handles[key] = handle
         size = sum(t.nbytes for part in (handle.keys, handle.values, handle.bias) for t in part)
         return {"slots": slots, "bytes": size, "compact_s": time.perf_counter() - began}
+
+    def compaction_save(self, key: str, folder: str) -> dict[str, str]:
+        """Write this worker's part of handle `key` into `folder`; returns its file and sha256."""
+        handle = STATE.handles[key]
+        path = Path(folder) / f"rank{self.rank}.safetensors"
+        layers = {"keys": handle.keys, "values": handle.values, "bias": handle.bias}
+        return {"file": path.name, "sha256": store.save_layers(path, layers)}
+
+    def compaction_load(self, key: str, folder: str, files: list[dict[str, str]]) -> None:
+        """Bring a stored handle back into memory (after a restart); refuses altered files."""
+        if len(files) <= self.rank:
+            raise store.CorruptHandle("the handle was stored by fewer workers")
+        entry = files[self.rank]
+        layers = store.load_layers(Path(folder) / entry["file"], entry["sha256"], _PARTS)
+        STATE.handles[key] = Handle(**layers)
 
     def compaction_delete(self, key: str) -> bool:
         """Free a handle, or the rows of a capture that will not be compacted."""

@@ -17,6 +17,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.api_router import create_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
+from vllm_compaction import store
 from vllm_compaction.server import metrics
 from vllm_compaction.server.protocol import CompactionDeleted, CompactRequest
 from vllm_compaction.server.service import CompactionError, CompactionService
@@ -25,7 +26,9 @@ router = APIRouter()
 
 
 def _error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
-    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+    kind = {400: "BadRequestError", 404: "NotFoundError", 410: "GoneError"}.get(
+        status, "InternalServerError"
+    )
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
 
@@ -52,7 +55,7 @@ async def compact(request: CompactRequest, raw: Request):
 @router.get("/v1/compactions/{handle_id}")
 async def get_compaction(handle_id: str, raw: Request):
     try:
-        return _service(raw).get(handle_id).info
+        return (await _service(raw).get(handle_id)).info
     except CompactionError as error:
         return _refused(error)
 
@@ -75,7 +78,7 @@ async def completions(request: CompletionRequest, raw: Request):
         return _error("'prompt_logprobs' and 'echo' are not available with 'compaction'")
     try:
         handle_id = _handle_field(request)
-        ids, salt, params = _service(raw).completion_prompt(handle_id, request.prompt)
+        ids, salt, params = await _service(raw).completion_prompt(handle_id, request.prompt)
     except CompactionError as error:
         return _refused(error)
     request.prompt = ids
@@ -146,6 +149,11 @@ class CompactionEndpoints:
         if engine_client is None:
             return
         await engine_client.collective_rpc("compaction_bind")
+        model_config = engine_client.model_config
         state.compaction = CompactionService(
-            engine_client, state.openai_serving_chat, engine_client.model_config.max_model_len
+            engine_client,
+            state.openai_serving_chat,
+            model_config.max_model_len,
+            store_root=store.handles_dir(),
+            fingerprint=store.model_fingerprint(model_config.model),
         )

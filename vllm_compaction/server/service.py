@@ -6,18 +6,21 @@ no plain request) ever share a block.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from vllm import SamplingParams
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.inputs.engine import tokens_input
 
+from vllm_compaction import store
 from vllm_compaction.core import METHODS
 from vllm_compaction.engine.state import PARAMS_KEY
 from vllm_compaction.server import metrics
@@ -51,12 +54,40 @@ class HandleRecord:
     bytes: int  # compacted KV held in worker memory, all workers
     messages: list[dict[str, Any]] | None = None  # what a "messages" handle was made from
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "info": self.info.model_dump(),
+            "prefix_ids": self.prefix_ids,
+            "slots": self.slots,
+            "bytes": self.bytes,
+            "messages": self.messages,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HandleRecord:
+        return cls(
+            Compaction(**data["info"]),
+            data["prefix_ids"],
+            data["slots"],
+            data["bytes"],
+            data["messages"],
+        )
+
 
 class CompactionService:
-    def __init__(self, engine_client: Any, chat_serving: Any, max_model_len: int) -> None:
+    def __init__(
+        self,
+        engine_client: Any,
+        chat_serving: Any,
+        max_model_len: int,
+        store_root: Path,
+        fingerprint: str,
+    ) -> None:
         self.engine = engine_client
         self.chat_serving = chat_serving
         self.max_model_len = max_model_len
+        self.store_root = store_root
+        self.fingerprint = fingerprint
         self.handles: dict[str, HandleRecord] = {}
         # Requests still running on a handle; a deleted handle's KV is freed after the last.
         self.in_use: Counter[str] = Counter()
@@ -164,20 +195,61 @@ class CompactionService:
                 total_s=done - began,
             ),
         )
-        self.handles[handle_id] = HandleRecord(
+        record = HandleRecord(
             info, ids, slots, replies[0]["bytes"] * len(replies), request.messages
         )
+        await self._persist(record)
+        self.handles[handle_id] = record
         return info
 
-    def get(self, handle_id: str) -> HandleRecord:
+    async def _persist(self, record: HandleRecord) -> None:
+        """Tensors first (each worker its own file), the manifest naming them last."""
+        folder = self.store_root / record.info.id
+        try:
+            files = await self.engine.collective_rpc(
+                "compaction_save", args=(record.info.id, str(folder))
+            )
+            manifest = {"fingerprint": self.fingerprint, "files": files, **record.to_json()}
+            await asyncio.to_thread(store.write_manifest, folder, manifest)
+        except Exception as error:
+            await self.engine.collective_rpc("compaction_delete", args=(record.info.id,))
+            store.remove(folder)
+            raise CompactionError(f"could not store the handle: {error}", status=500) from error
+
+    async def get(self, handle_id: str) -> HandleRecord:
+        """A live handle, loaded from disk on first use after a restart."""
         record = self.handles.get(handle_id)
-        if record is None:
-            raise CompactionError(f"no compaction {handle_id!r}", status=404, param="compaction")
+        if record is not None:
+            return record
+        unknown = CompactionError(f"no compaction {handle_id!r}", status=404, param="compaction")
+        if not handle_id.startswith("cmp_") or "/" in handle_id or handle_id in self.deleted:
+            raise unknown
+        folder = self.store_root / handle_id
+        try:
+            manifest = store.read_manifest(folder)
+            if manifest is None:
+                raise unknown
+            if manifest["fingerprint"] != self.fingerprint:
+                raise store.CorruptHandle("it was made with other model weights")
+            record = HandleRecord.from_json(manifest)
+            await self.engine.collective_rpc(
+                "compaction_load", args=(handle_id, str(folder), manifest["files"])
+            )
+        except CompactionError:
+            raise
+        except Exception as error:  # corrupt, truncated or foreign: lost, never wrong KV
+            raise CompactionError(
+                f"compaction {handle_id} is lost: {error}", status=410, param="compaction"
+            ) from error
+        self.handles[handle_id] = record
+        metrics.HANDLES.inc()
+        metrics.HANDLE_BYTES.inc(record.bytes)
         return record
 
     async def delete(self, handle_id: str) -> None:
-        record = self.get(handle_id)
+        record = await self.get(handle_id)
         del self.handles[handle_id]
+        store.remove(self.store_root / handle_id)
         self.deleted[handle_id] = record.bytes
         metrics.HANDLES.dec()
         await self._free_if_unused(handle_id)
@@ -195,9 +267,9 @@ class CompactionService:
             del self.in_use[handle_id]
             await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
 
-    def completion_prompt(self, handle_id: str, prompt: Any) -> tuple[list[int], str, dict]:
+    async def completion_prompt(self, handle_id: str, prompt: Any) -> tuple[list[int], str, dict]:
         """Token prompt, cache salt and kv_transfer_params for a completion on a handle."""
-        record = self.get(handle_id)
+        record = await self.get(handle_id)
         if record.info.kind != "prompt":
             raise CompactionError(
                 f"{handle_id} was made from messages: use it with /v1/chat/completions",
@@ -215,7 +287,7 @@ class CompactionService:
 
     async def chat_prompt(self, handle_id: str, request: Any) -> tuple[list[int], str, dict]:
         """The same for a chat: the handle's messages, then the request's, templated once."""
-        record = self.get(handle_id)
+        record = await self.get(handle_id)
         if record.messages is None:
             raise CompactionError(
                 f"{handle_id} was made from a prompt: use it with /v1/completions",
