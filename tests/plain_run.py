@@ -24,8 +24,7 @@ def main() -> None:
     model, mode = sys.argv[1], sys.argv[2]
     extra = {}
     if mode == "plugin":
-        from vllm_compaction.engine.connector import CONNECTOR_CONFIG
-        from vllm_compaction.engine.worker import WORKER_EXTENSION
+        from vllm_compaction.engine import CONNECTOR_CONFIG, WORKER_EXTENSION
 
         extra = dict(
             worker_extension_cls=WORKER_EXTENSION,

@@ -11,9 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.compare import assert_same_greedy
 from tests.engine import in_process_llm
 from vllm_compaction import documents, hf
-from vllm_compaction.engine.connector import CONNECTOR_CONFIG
+from vllm_compaction.engine import CONNECTOR_CONFIG, WORKER_EXTENSION
 from vllm_compaction.engine.state import STATE
-from vllm_compaction.engine.worker import WORKER_EXTENSION
 
 BLOCK = 32
 CONTEXT_TOKENS = 300

@@ -7,10 +7,11 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from vllm_compaction import models
-from vllm_compaction.engine.connector import CONNECTOR_CONFIG
-from vllm_compaction.engine.worker import WORKER_EXTENSION
+from vllm_compaction.engine import CONNECTOR_CONFIG, WORKER_EXTENSION
+from vllm_compaction.server import tenants
 
 # CPU defaults that start on a 24 GiB machine; any of them can be overridden on the command line
 # (for value flags, vLLM's parser keeps the last occurrence).
@@ -43,11 +44,31 @@ def serve_command(argv: list[str]) -> list[str]:
 
 
 def _serve(argv: list[str]) -> None:
-    cmd = serve_command(argv)
+    argv, keys_file = _take_option(argv, "--api-keys-file")
     env = {**SERVE_ENV, **os.environ}
+    if keys_file is not None:
+        tenants.read_keys(Path(keys_file))  # refuse a bad file before starting the engine
+        env[tenants.KEYS_FILE_ENV] = str(Path(keys_file).resolve())
+    cmd = serve_command(argv)
     logging.getLogger(__name__).info("starting: %s", " ".join(cmd))
     # exec: signals (SIGTERM from a supervisor, Ctrl-C) reach vLLM directly.
     os.execve(sys.executable, cmd, env)
+
+
+def _take_option(argv: list[str], name: str) -> tuple[list[str], str | None]:
+    """Remove `name VALUE` (or `name=VALUE`) from argv; it is ours, not vLLM's."""
+    rest, value = [], None
+    items = iter(argv)
+    for item in items:
+        if item == name:
+            value = next(items, None)
+            if value is None:
+                raise ValueError(f"{name} needs a value")
+        elif item.startswith(name + "="):
+            value = item.split("=", 1)[1]
+        else:
+            rest.append(item)
+    return rest, value
 
 
 def _models_list() -> None:
@@ -63,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         # Everything after `serve` belongs to vLLM; argparse would reject its flags.
         try:
             _serve(argv[1:])
-        except models.ModelError as error:
+        except (models.ModelError, ValueError) as error:
             sys.exit(f"error: {error}")
         return
 

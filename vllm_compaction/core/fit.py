@@ -13,16 +13,15 @@ from .linalg import ridge_solve, top_eigenvalue
 from .problem import Problem
 
 
-def mass_rows(problem: Problem, relative: bool) -> tuple[Tensor, Tensor]:
+def mass_rows(problem: Problem, relative: float) -> tuple[Tensor, Tensor]:
     """Row weights u [H, n] and weighted targets z = u * y [H, n] of the mass system.
 
-    relative=True weights each query by 1/y, so the fit minimises relative mass error and a
-    query whose row max dominates counts as much as one with diffuse attention.
-    Queries that see no key get u = 0.
+    u = y^-relative: 0 fits absolute mass (queries with diffuse attention, large y, dominate),
+    1 fits relative mass error, so a query whose row max dominates counts as much as one with
+    diffuse attention. Queries that see no key get u = 0.
     """
-    y = problem.mass
-    u = problem.inverse_mass if relative else (y > 0).float()
-    return u, u * y
+    u = problem.inverse_mass.pow(float(relative)).masked_fill_(problem.mass == 0, 0.0)
+    return u, u * problem.mass
 
 
 def solve_mass(
@@ -64,7 +63,7 @@ def fit_beta(
     problem: Problem,
     indices: Tensor,
     *,
-    relative: bool,
+    relative: float,
     beta_min: float,
     beta_max: float,
     ridge: float,

@@ -22,12 +22,6 @@ from vllm.model_executor.models.utils import extract_layer_index
 
 from vllm_compaction.engine.state import PARAMS_KEY, STATE, request_params
 
-CONNECTOR_CONFIG = {
-    "kv_connector": "CompactionConnector",
-    "kv_connector_module_path": __name__,
-    "kv_role": "kv_both",
-}
-
 
 @dataclass
 class Load:

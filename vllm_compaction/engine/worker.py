@@ -14,7 +14,6 @@ from vllm_compaction.core import compact_cache
 from vllm_compaction.engine.rope import shift_positions
 from vllm_compaction.engine.state import STATE, Capture, Handle
 
-WORKER_EXTENSION = f"{__name__}.CompactionWorkerExtension"
 _PARTS = ("keys", "values", "bias")
 
 

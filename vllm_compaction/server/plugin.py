@@ -21,6 +21,7 @@ from vllm_compaction import store
 from vllm_compaction.server import metrics
 from vllm_compaction.server.protocol import CompactionDeleted, CompactRequest
 from vllm_compaction.server.service import CompactionError, CompactionService
+from vllm_compaction.server.tenants import TenantMiddleware
 
 router = APIRouter()
 
@@ -47,7 +48,7 @@ async def compact(request: CompactRequest, raw: Request):
     if model_error is not None:
         return JSONResponse(model_error.model_dump(), status_code=model_error.error.code)
     try:
-        return await _service(raw).compact(request)
+        return await _service(raw).compact(request, raw.state.tenant)
     except CompactionError as error:
         return _refused(error)
 
@@ -55,7 +56,7 @@ async def compact(request: CompactRequest, raw: Request):
 @router.get("/v1/compactions/{handle_id}")
 async def get_compaction(handle_id: str, raw: Request):
     try:
-        return (await _service(raw).get(handle_id)).info
+        return (await _service(raw).get(handle_id, raw.state.tenant)).info
     except CompactionError as error:
         return _refused(error)
 
@@ -63,7 +64,7 @@ async def get_compaction(handle_id: str, raw: Request):
 @router.delete("/v1/compactions/{handle_id}")
 async def delete_compaction(handle_id: str, raw: Request):
     try:
-        await _service(raw).delete(handle_id)
+        await _service(raw).delete(handle_id, raw.state.tenant)
     except CompactionError as error:
         return _refused(error)
     return CompactionDeleted(id=handle_id)
@@ -72,13 +73,16 @@ async def delete_compaction(handle_id: str, raw: Request):
 @router.post("/v1/completions")
 async def completions(request: CompletionRequest, raw: Request):
     if "compaction" not in (request.model_extra or {}):
+        _own_salt(request, raw)
         return await create_completion(request, raw)
     # Prompt logprobs make vLLM skip cached and injected KV: they would read placeholders.
     if request.prompt_logprobs is not None or request.echo:
         return _error("'prompt_logprobs' and 'echo' are not available with 'compaction'")
     try:
         handle_id = _handle_field(request)
-        ids, salt, params = await _service(raw).completion_prompt(handle_id, request.prompt)
+        ids, salt, params = await _service(raw).completion_prompt(
+            handle_id, request.prompt, raw.state.tenant
+        )
     except CompactionError as error:
         return _refused(error)
     request.prompt = ids
@@ -91,12 +95,13 @@ async def completions(request: CompletionRequest, raw: Request):
 @router.post("/v1/chat/completions")
 async def chat_completions(request: ChatCompletionRequest, raw: Request):
     if "compaction" not in (request.model_extra or {}):
+        _own_salt(request, raw)
         return await create_chat_completion(request, raw)
     if request.prompt_logprobs is not None or request.echo:
         return _error("'prompt_logprobs' and 'echo' are not available with 'compaction'")
     try:
         handle_id = _handle_field(request)
-        ids, salt, params = await _service(raw).chat_prompt(handle_id, request)
+        ids, salt, params = await _service(raw).chat_prompt(handle_id, request, raw.state.tenant)
     except CompactionError as error:
         return _refused(error)
     # vLLM feeds kv_transfer_params["prompt_token_ids"] to the engine instead of re-templating.
@@ -130,6 +135,12 @@ async def _holding(service: CompactionService, handle_id: str, call: Awaitable[R
     return response
 
 
+def _own_salt(request: Any, raw: Request) -> None:
+    """Namespace a caller's cache_salt by tenant: it can never equal a handle's salt."""
+    if request.cache_salt is not None:
+        request.cache_salt = f"user:{raw.state.tenant}:{request.cache_salt}"
+
+
 def _handle_field(request: Any) -> str:
     """The `compaction` body field (vLLM keeps unknown fields in model_extra)."""
     value = request.model_extra["compaction"]
@@ -144,6 +155,7 @@ class CompactionEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
+        app.add_middleware(TenantMiddleware)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:

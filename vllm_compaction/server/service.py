@@ -52,7 +52,13 @@ class HandleRecord:
     prefix_ids: list[int]  # the context's tokens: a chat that continues it must start with them
     slots: int
     bytes: int  # compacted KV held in worker memory, all workers
+    tenant: str
     messages: list[dict[str, Any]] | None = None  # what a "messages" handle was made from
+
+    @property
+    def salt(self) -> str:
+        """Cache salt of the handle's blocks: no other handle, tenant or plain request hits them."""
+        return f"compaction:{self.tenant}:{self.info.id}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -60,6 +66,7 @@ class HandleRecord:
             "prefix_ids": self.prefix_ids,
             "slots": self.slots,
             "bytes": self.bytes,
+            "tenant": self.tenant,
             "messages": self.messages,
         }
 
@@ -70,6 +77,7 @@ class HandleRecord:
             data["prefix_ids"],
             data["slots"],
             data["bytes"],
+            data["tenant"],
             data["messages"],
         )
 
@@ -93,9 +101,9 @@ class CompactionService:
         self.in_use: Counter[str] = Counter()
         self.deleted: dict[str, int] = {}  # deleted while in use -> bytes still held
 
-    async def compact(self, request: CompactRequest) -> Compaction:
+    async def compact(self, request: CompactRequest, tenant: str) -> Compaction:
         try:
-            info = await self._compact(request)
+            info = await self._compact(request, tenant)
         except CompactionError:
             metrics.COMPACTIONS.labels(request.method, "refused").inc()
             raise
@@ -112,7 +120,7 @@ class CompactionService:
         metrics.HANDLE_BYTES.inc(self.handles[info.id].bytes)
         return info
 
-    async def _compact(self, request: CompactRequest) -> Compaction:
+    async def _compact(self, request: CompactRequest, tenant: str) -> Compaction:
         began = time.perf_counter()
         if request.method not in METHODS:
             known = ", ".join(METHODS)
@@ -147,7 +155,7 @@ class CompactionService:
             max_tokens=1, extra_args={"kv_transfer_params": {PARAMS_KEY: capture}}
         )
         # A fresh salt: a prefix-cache hit would skip the forward that records the rows.
-        prompt = tokens_input(capture_ids, cache_salt=f"{handle_id}-capture")
+        prompt = tokens_input(capture_ids, cache_salt=f"compaction-capture:{handle_id}")
         options = {
             "budget": budget,
             "keep_first": request.keep_first,
@@ -195,9 +203,8 @@ class CompactionService:
                 total_s=done - began,
             ),
         )
-        record = HandleRecord(
-            info, ids, slots, replies[0]["bytes"] * len(replies), request.messages
-        )
+        held = replies[0]["bytes"] * len(replies)
+        record = HandleRecord(info, ids, slots, held, tenant, request.messages)
         await self._persist(record)
         self.handles[handle_id] = record
         return info
@@ -216,12 +223,17 @@ class CompactionService:
             store.remove(folder)
             raise CompactionError(f"could not store the handle: {error}", status=500) from error
 
-    async def get(self, handle_id: str) -> HandleRecord:
-        """A live handle, loaded from disk on first use after a restart."""
+    async def get(self, handle_id: str, tenant: str) -> HandleRecord:
+        """The tenant's handle, loaded from disk on first use after a restart.
+
+        Another tenant's handle is answered exactly as one that never existed.
+        """
+        unknown = CompactionError(f"no compaction {handle_id!r}", status=404, param="compaction")
         record = self.handles.get(handle_id)
         if record is not None:
+            if record.tenant != tenant:
+                raise unknown
             return record
-        unknown = CompactionError(f"no compaction {handle_id!r}", status=404, param="compaction")
         if not handle_id.startswith("cmp_") or "/" in handle_id or handle_id in self.deleted:
             raise unknown
         folder = self.store_root / handle_id
@@ -232,6 +244,8 @@ class CompactionService:
             if manifest["fingerprint"] != self.fingerprint:
                 raise store.CorruptHandle("it was made with other model weights")
             record = HandleRecord.from_json(manifest)
+            if record.tenant != tenant:
+                raise unknown
             await self.engine.collective_rpc(
                 "compaction_load", args=(handle_id, str(folder), manifest["files"])
             )
@@ -246,8 +260,8 @@ class CompactionService:
         metrics.HANDLE_BYTES.inc(record.bytes)
         return record
 
-    async def delete(self, handle_id: str) -> None:
-        record = await self.get(handle_id)
+    async def delete(self, handle_id: str, tenant: str) -> None:
+        record = await self.get(handle_id, tenant)
         del self.handles[handle_id]
         store.remove(self.store_root / handle_id)
         self.deleted[handle_id] = record.bytes
@@ -267,9 +281,11 @@ class CompactionService:
             del self.in_use[handle_id]
             await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
 
-    async def completion_prompt(self, handle_id: str, prompt: Any) -> tuple[list[int], str, dict]:
+    async def completion_prompt(
+        self, handle_id: str, prompt: Any, tenant: str
+    ) -> tuple[list[int], str, dict]:
         """Token prompt, cache salt and kv_transfer_params for a completion on a handle."""
-        record = await self.get(handle_id)
+        record = await self.get(handle_id, tenant)
         if record.info.kind != "prompt":
             raise CompactionError(
                 f"{handle_id} was made from messages: use it with /v1/chat/completions",
@@ -285,9 +301,11 @@ class CompactionService:
             raise CompactionError("'prompt' must not be empty with 'compaction'", param="prompt")
         return self._placed(record, handle_id, ids)
 
-    async def chat_prompt(self, handle_id: str, request: Any) -> tuple[list[int], str, dict]:
+    async def chat_prompt(
+        self, handle_id: str, request: Any, tenant: str
+    ) -> tuple[list[int], str, dict]:
         """The same for a chat: the handle's messages, then the request's, templated once."""
-        record = await self.get(handle_id)
+        record = await self.get(handle_id, tenant)
         if record.messages is None:
             raise CompactionError(
                 f"{handle_id} was made from a prompt: use it with /v1/completions",
@@ -312,7 +330,7 @@ class CompactionService:
                 f"context of {self.max_model_len}"
             )
         params = {PARAMS_KEY: {"handle": handle_id, "slots": record.slots}}
-        return [PLACEHOLDER_ID] * record.slots + ids, handle_id, params
+        return [PLACEHOLDER_ID] * record.slots + ids, record.salt, params
 
     async def _context_tokens(self, request: CompactRequest) -> tuple[list[int], list[list[int]]]:
         """The context's token ids and the template spans kept verbatim."""
