@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -99,3 +100,37 @@ def test_a_tenant_cannot_reach_another_tenants_blocks_by_salt(server):
     # Positive control: the blocks are in the prefix cache for Alice's handle requests.
     hit = _call(server, "POST", "/v1/completions", "key-alice", use).json()
     assert hit["usage"]["prompt_tokens_details"]["cached_tokens"] >= slots
+
+
+def test_each_tenant_lists_only_its_own_handles_a_page_at_a_time(server):
+    made = [_compact(server, "key-bob")["id"] for _ in range(3)]
+    listed, after = [], None
+    while True:
+        query = f"?limit=2&after={after}" if after else "?limit=2"
+        page = _call(server, "GET", f"/v1/compactions{query}", "key-bob").json()
+        assert page["object"] == "list" and len(page["data"]) <= 2
+        listed += [item["id"] for item in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert listed == made  # oldest first, and nothing of Alice's
+    alices = _call(server, "GET", "/v1/compactions?limit=100", "key-alice").json()["data"]
+    assert not {item["id"] for item in alices} & set(made)
+    assert _call(server, "GET", "/v1/compactions?limit=0", "key-bob").status_code == 400
+
+
+def test_an_expired_handle_answers_410_naming_its_expiry(server):
+    body = {"model": MODEL, "prompt": TEXT, "ratio": 4, "queries": "context", "ttl_seconds": 1}
+    info = _call(server, "POST", "/v1/compact", "key-alice", body).json()
+    assert info["expires_at"] == info["created_at"] + 1
+    time.sleep(2.1)
+    use = {"model": MODEL, "prompt": " so", "max_tokens": 2, "compaction": info["id"]}
+    for method, path, payload in (
+        ("POST", "/v1/completions", use),
+        ("GET", f"/v1/compactions/{info['id']}", None),
+    ):
+        response = _call(server, method, path, "key-alice", payload)
+        assert response.status_code == 410
+        assert "expired at" in response.json()["error"]["message"]
+    listed = _call(server, "GET", "/v1/compactions?limit=100", "key-alice").json()["data"]
+    assert info["id"] not in {item["id"] for item in listed}

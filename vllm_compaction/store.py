@@ -97,6 +97,12 @@ def remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+def remove_tensors(folder: Path) -> None:
+    """Free a handle's KV files and keep its manifest (an expired handle still says so)."""
+    for path in folder.glob("*.safetensors"):
+        path.unlink(missing_ok=True)
+
+
 def model_fingerprint(model_dir: str) -> str:
     """Identifies a model's weights cheaply: its config and the names and sizes of its files."""
     digest = hashlib.sha256()

@@ -10,7 +10,7 @@ from argparse import Namespace
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from vllm.entrypoints.openai.chat_completion.api_router import create_chat_completion
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -49,6 +49,16 @@ async def compact(request: CompactRequest, raw: Request):
         return JSONResponse(model_error.model_dump(), status_code=model_error.error.code)
     try:
         return await _service(raw).compact(request, raw.state.tenant)
+    except CompactionError as error:
+        return _refused(error)
+
+
+@router.get("/v1/compactions")
+async def list_compactions(
+    raw: Request, limit: int = Query(default=20, ge=1, le=100), after: str | None = None
+):
+    try:
+        return _service(raw).list_handles(raw.state.tenant, limit, after)
     except CompactionError as error:
         return _refused(error)
 

@@ -7,6 +7,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_RATIO = 10.0
+DEFAULT_TTL_S = 24 * 3600
+MAX_TTL_S = 365 * 24 * 3600
 
 
 class CompactRequest(BaseModel):
@@ -22,6 +24,7 @@ class CompactRequest(BaseModel):
     queries: Literal["repeat", "context"] = "repeat"
     method: str = "am-highest"
     keep_first: int = Field(default=4, ge=0)
+    ttl_seconds: int = Field(default=DEFAULT_TTL_S, ge=1, le=MAX_TTL_S)
 
     @model_validator(mode="after")
     def _one_input_one_size(self) -> CompactRequest:
@@ -61,7 +64,7 @@ class Compaction(BaseModel):
     model: str
     kind: Literal["prompt", "messages"]
     created_at: int
-    expires_at: int | None
+    expires_at: int
     original_tokens: int
     compacted_tokens: int
     ratio: float
@@ -75,3 +78,13 @@ class CompactionDeleted(BaseModel):
     id: str
     object: Literal["compaction.deleted"] = "compaction.deleted"
     deleted: bool = True
+
+
+class CompactionList(BaseModel):
+    """`GET /v1/compactions`: the caller's handles, oldest first, a page at a time."""
+
+    object: Literal["list"] = "list"
+    data: list[Compaction]
+    first_id: str | None
+    last_id: str | None
+    has_more: bool

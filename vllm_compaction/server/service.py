@@ -12,7 +12,8 @@ import secrets
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from vllm_compaction.server import metrics
 from vllm_compaction.server.protocol import (
     DEFAULT_RATIO,
     Compaction,
+    CompactionList,
     CompactionTiming,
     CompactionUsage,
     CompactRequest,
@@ -54,11 +56,15 @@ class HandleRecord:
     bytes: int  # compacted KV held in worker memory, all workers
     tenant: str
     messages: list[dict[str, Any]] | None = None  # what a "messages" handle was made from
+    created_ns: int = field(default_factory=time.time_ns)  # orders handles made in one second
 
     @property
     def salt(self) -> str:
         """Cache salt of the handle's blocks: no other handle, tenant or plain request hits them."""
         return f"compaction:{self.tenant}:{self.info.id}"
+
+    def expired(self) -> bool:
+        return self.info.expires_at <= time.time()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -68,6 +74,7 @@ class HandleRecord:
             "bytes": self.bytes,
             "tenant": self.tenant,
             "messages": self.messages,
+            "created_ns": self.created_ns,
         }
 
     @classmethod
@@ -79,6 +86,7 @@ class HandleRecord:
             data["bytes"],
             data["tenant"],
             data["messages"],
+            data["created_ns"],
         )
 
 
@@ -185,7 +193,7 @@ class CompactionService:
             model=request.model,
             kind=request.kind,
             created_at=now,
-            expires_at=None,
+            expires_at=now + request.ttl_seconds,
             original_tokens=total,
             compacted_tokens=budget,
             ratio=total / budget,
@@ -233,6 +241,7 @@ class CompactionService:
         if record is not None:
             if record.tenant != tenant:
                 raise unknown
+            await self._check_expiry(record)
             return record
         if not handle_id.startswith("cmp_") or "/" in handle_id or handle_id in self.deleted:
             raise unknown
@@ -246,6 +255,8 @@ class CompactionService:
             record = HandleRecord.from_json(manifest)
             if record.tenant != tenant:
                 raise unknown
+            if record.expired():
+                raise _expired(record)
             await self.engine.collective_rpc(
                 "compaction_load", args=(handle_id, str(folder), manifest["files"])
             )
@@ -259,6 +270,45 @@ class CompactionService:
         metrics.HANDLES.inc()
         metrics.HANDLE_BYTES.inc(record.bytes)
         return record
+
+    async def _check_expiry(self, record: HandleRecord) -> None:
+        """Free an expired handle; its manifest stays so that callers learn why (410)."""
+        if not record.expired():
+            return
+        handle_id = record.info.id
+        del self.handles[handle_id]
+        metrics.HANDLES.dec()
+        self.deleted[handle_id] = record.bytes
+        store.remove_tensors(self.store_root / handle_id)
+        await self._free_if_unused(handle_id)
+        raise _expired(record)
+
+    def list_handles(self, tenant: str, limit: int, after: str | None) -> CompactionList:
+        """The tenant's live handles (stored ones included), oldest first."""
+        mine = []
+        for folder in self.store_root.glob("cmp_*"):
+            try:
+                manifest = store.read_manifest(folder)
+            except store.CorruptHandle:
+                continue
+            if manifest is None:
+                continue
+            record = HandleRecord.from_json(manifest)
+            if record.tenant == tenant and not record.expired():
+                mine.append(record)
+        mine = [record.info for record in sorted(mine, key=lambda r: (r.created_ns, r.info.id))]
+        if after is not None:
+            ids = [info.id for info in mine]
+            if after not in ids:
+                raise CompactionError(f"no compaction {after!r}", status=404, param="after")
+            mine = mine[ids.index(after) + 1 :]
+        page = mine[:limit]
+        return CompactionList(
+            data=page,
+            first_id=page[0].id if page else None,
+            last_id=page[-1].id if page else None,
+            has_more=len(mine) > limit,
+        )
 
     async def delete(self, handle_id: str, tenant: str) -> None:
         record = await self.get(handle_id, tenant)
@@ -389,6 +439,13 @@ class CompactionService:
     @staticmethod
     def _chat_request(model: str, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
         return ChatCompletionRequest(model=model, messages=messages, add_generation_prompt=False)
+
+
+def _expired(record: HandleRecord) -> CompactionError:
+    when = datetime.fromtimestamp(record.info.expires_at, UTC).isoformat()
+    return CompactionError(
+        f"compaction {record.info.id} expired at {when}", status=410, param="compaction"
+    )
 
 
 def _budget(request: CompactRequest, total: int) -> int:
