@@ -7,7 +7,7 @@ without a `compaction` field to vLLM's own handlers untouched.
 from __future__ import annotations
 
 from argparse import Namespace
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
@@ -82,43 +82,41 @@ async def delete_compaction(handle_id: str, raw: Request):
 
 @router.post("/v1/completions")
 async def completions(request: CompletionRequest, raw: Request):
-    if "compaction" not in (request.model_extra or {}):
-        _own_salt(request, raw)
-        return await create_completion(request, raw)
-    # Prompt logprobs make vLLM skip cached and injected KV: they would read placeholders.
-    if request.prompt_logprobs is not None or request.echo:
-        return _error("'prompt_logprobs' and 'echo' are not available with 'compaction'")
-    try:
-        handle_id = _handle_field(request)
-        ids, salt, params = await _service(raw).completion_prompt(
-            handle_id, request.prompt, raw.state.tenant
-        )
-    except CompactionError as error:
-        return _refused(error)
-    request.prompt = ids
-    request.cache_salt = salt
-    request.kv_transfer_params = params
-    metrics.HANDLE_REQUESTS.labels("completions").inc()
-    return await _holding(_service(raw), handle_id, create_completion(request, raw))
+    async def place(service: CompactionService, handle_id: str, tenant: str) -> None:
+        ids, salt, params = await service.completion_prompt(handle_id, request.prompt, tenant)
+        request.prompt, request.cache_salt, request.kv_transfer_params = ids, salt, params
+
+    return await _serve(request, raw, "completions", create_completion, place)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(request: ChatCompletionRequest, raw: Request):
+    async def place(service: CompactionService, handle_id: str, tenant: str) -> None:
+        ids, salt, params = await service.chat_prompt(handle_id, request, tenant)
+        # vLLM feeds kv_transfer_params["prompt_token_ids"] to the engine instead of templating.
+        request.kv_transfer_params = {**params, "prompt_token_ids": ids}
+        request.cache_salt = salt
+
+    return await _serve(request, raw, "chat", create_chat_completion, place)
+
+
+async def _serve(request: Any, raw: Request, endpoint: str, stock: Callable, place: Callable):
+    """Hand a request to vLLM's own handler, on its handle's compacted context if it names one."""
     if "compaction" not in (request.model_extra or {}):
-        _own_salt(request, raw)
-        return await create_chat_completion(request, raw)
+        if request.cache_salt is not None:  # a caller's salt can never equal a handle's
+            request.cache_salt = f"user:{raw.state.tenant}:{request.cache_salt}"
+        return await stock(request, raw)
+    # Prompt logprobs make vLLM skip cached and injected KV: they would read placeholders.
     if request.prompt_logprobs is not None or request.echo:
         return _error("'prompt_logprobs' and 'echo' are not available with 'compaction'")
+    service = _service(raw)
     try:
         handle_id = _handle_field(request)
-        ids, salt, params = await _service(raw).chat_prompt(handle_id, request, raw.state.tenant)
+        await place(service, handle_id, raw.state.tenant)
     except CompactionError as error:
         return _refused(error)
-    # vLLM feeds kv_transfer_params["prompt_token_ids"] to the engine instead of re-templating.
-    request.kv_transfer_params = {**params, "prompt_token_ids": ids}
-    request.cache_salt = salt
-    metrics.HANDLE_REQUESTS.labels("chat").inc()
-    return await _holding(_service(raw), handle_id, create_chat_completion(request, raw))
+    metrics.HANDLE_REQUESTS.labels(endpoint).inc()
+    return await _holding(service, handle_id, stock(request, raw))
 
 
 async def _holding(service: CompactionService, handle_id: str, call: Awaitable[Response]):
@@ -143,12 +141,6 @@ async def _holding(service: CompactionService, handle_id: str, call: Awaitable[R
 
     response.body_iterator = held()
     return response
-
-
-def _own_salt(request: Any, raw: Request) -> None:
-    """Namespace a caller's cache_salt by tenant: it can never equal a handle's salt."""
-    if request.cache_salt is not None:
-        request.cache_salt = f"user:{raw.state.tenant}:{request.cache_salt}"
 
 
 def _handle_field(request: Any) -> str:
