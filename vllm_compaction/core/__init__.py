@@ -13,11 +13,12 @@ Layout (one concern per module):
     metrics.py     held-out errors of a compact cache (output and log-mass)
     validation.py  input checks; indexing.py: per-head gathers; compacted.py: the result type
 
-Defaults of the fit (``AttentionMatching`` in methods/base.py, tuned on synthetic layers and
-on captured Qwen2.5-Coder-0.5B / SmolLM2-135M layers, held-out queries, with later tokens):
-relative mass weighting (rows by 1/y), beta in [-3, 3] (am-omp: [-12, 7]), mass ridge 1e-6,
-20 projected-gradient steps, value ridge 1e-2 toward the original values, at most 8192
-reference queries per head (seeded subsampling).
+Defaults of the fit (``AttentionMatching`` in methods/base.py), tuned on synthetic layers and
+on captured Qwen2.5-Coder-0.5B / SmolLM2-135M layers (held-out queries, with later tokens):
+mass-fit rows weighted by y^-0.5 (between absolute and relative mass error), beta in [-3, 3]
+(am-omp: [-12, 7], so keys below -7 can be replaced), mass ridge 1e-6, 20 projected-gradient
+steps, value ridge 1e-2 toward the original values, at most 8192 reference queries per head
+(seeded subsampling).
 """
 
 from .attention import attention

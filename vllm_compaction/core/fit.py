@@ -13,21 +13,21 @@ from .linalg import ridge_solve, top_eigenvalue
 from .problem import Problem
 
 
-def mass_rows(problem: Problem, relative: float) -> tuple[Tensor, Tensor]:
+def mass_rows(problem: Problem, weighting: float) -> tuple[Tensor, Tensor]:
     """Row weights u [H, n] and weighted targets z = u * y [H, n] of the mass system.
 
-    u = y^-relative: 0 fits absolute mass (queries with diffuse attention, large y, dominate),
+    u = y^-weighting: 0 fits absolute mass (queries with diffuse attention, large y, dominate),
     1 fits relative mass error, so a query whose row max dominates counts as much as one with
     diffuse attention. Queries that see no key get u = 0.
     """
-    u = problem.inverse_mass.pow(float(relative)).masked_fill_(problem.mass == 0, 0.0)
+    u = problem.inverse_mass.pow(float(weighting)).masked_fill_(problem.mass == 0, 0.0)
     return u, u * problem.mass
 
 
 def solve_mass(
     design: Tensor,
     gram: Tensor,
-    z: Tensor,
+    residual: Tensor,
     lengths: Tensor,
     *,
     beta_min: float,
@@ -38,14 +38,13 @@ def solve_mass(
     """Non-negative least squares for w = exp(beta): min ||M w - z||, w >= 0.
 
     design: M [H, n, t] (weighted columns, zero on padding); gram: [H, t, t] = M^T M;
-    z: [H, n] weighted mass targets; lengths: [H] real columns per head.
-    Solves for the deviation from keeping the originals (w = 1 + delta, with the residual
-    z - M 1 formed in query space to avoid cancellation): directions the queries do not
-    determine stay at w = 1 instead of drifting to a bound. Then clamps into
+    residual: [H, n] z - M 1, the weighted mass the kept keys miss as they are (formed by
+    the caller in query space, where it is accurate); lengths: [H] real columns per head.
+    Solves for the deviation from keeping the originals (w = 1 + delta): directions the
+    queries do not determine stay at w = 1 instead of drifting to a bound. Then clamps into
     [exp(beta_min), exp(beta_max)] and runs ``steps`` projected-gradient steps (step 1/L,
     L = top eigenvalue of M^T M). Returns w [H, t] (1 on padding slots).
     """
-    residual = z - design.sum(dim=-1)
     rhs = torch.bmm(design.transpose(1, 2), residual[..., None])
     delta = ridge_solve(gram, rhs, lengths, ridge).squeeze(-1)
     rhs = rhs.squeeze(-1)
@@ -63,7 +62,7 @@ def fit_beta(
     problem: Problem,
     indices: Tensor,
     *,
-    relative: float,
+    weighting: float,
     beta_min: float,
     beta_max: float,
     ridge: float,
@@ -73,12 +72,22 @@ def fit_beta(
 
     The correction is added on top of any bias the keys already carry.
     """
-    u, z = mass_rows(problem, relative)
-    design = gather_columns(problem.weights, indices).mul_(u[..., None])
+    u = mass_rows(problem, weighting)[0]
+    design = gather_columns(problem.weights, indices)
+    # Unweighted first: with every key kept the residual is then exactly zero.
+    residual = u * (problem.mass - design.sum(dim=-1))
+    design.mul_(u[..., None])
     gram = torch.bmm(design.transpose(1, 2), design)
     lengths = (indices >= 0).sum(dim=1)
     w = solve_mass(
-        design, gram, z, lengths, beta_min=beta_min, beta_max=beta_max, ridge=ridge, steps=steps
+        design,
+        gram,
+        residual,
+        lengths,
+        beta_min=beta_min,
+        beta_max=beta_max,
+        ridge=ridge,
+        steps=steps,
     )
     return w.log_().masked_fill_(indices < 0, 0.0)
 
@@ -97,8 +106,8 @@ def fit_values(problem: Problem, indices: Tensor, beta: Tensor, *, ridge: float)
     design, total = exp_shifted_(scores)
     design.mul_(safe_reciprocal(total)[..., None])
     kept = gather_rows(problem.values.float(), indices)
+    # A query that sees no compact key has an all-zero design row and drops out of X^T R.
     residual = problem.targets - torch.bmm(design, kept)
-    residual.masked_fill_((total == 0)[..., None], 0.0)
     xt = design.transpose(1, 2)
     lengths = (indices >= 0).sum(dim=1)
     return kept + ridge_solve(torch.bmm(xt, design), torch.bmm(xt, residual), lengths, ridge)

@@ -65,10 +65,9 @@ class SnapKV(ScoreMethod):
             raise ValueError(f"snapkv needs window >= 1 and an odd kernel, got {self}")
 
     def score(self, problem: Problem) -> Tensor:
-        votes = problem.mean_attention(slice(-self.window, None))
-        return F.max_pool1d(votes[:, None, :], self.kernel, stride=1, padding=self.kernel // 2)[
-            :, 0
-        ]
+        votes = problem.mean_attention(slice(-self.window, None))[:, None, :]
+        pooled = F.max_pool1d(votes, self.kernel, stride=1, padding=self.kernel // 2)
+        return pooled.squeeze(1)
 
 
 @dataclass

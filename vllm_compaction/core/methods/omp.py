@@ -68,7 +68,7 @@ class AMOmp(AttentionMatching):
         weights = problem.weights
         h, n, length = weights.shape
         t = int(problem.budgets.max())
-        u, z = mass_rows(problem, self.relative_mass)
+        u, z = mass_rows(problem, self.mass_weighting)
         # Copies and masked-out keys are used only once nothing else is left.
         avoid = problem.duplicates | (problem.bias == -math.inf)
         state = _Pursuit(
@@ -90,7 +90,7 @@ class AMOmp(AttentionMatching):
         state.w = solve_mass(
             state.design,
             state.gram,
-            z,
+            z - state.design.sum(dim=-1),
             state.filled,
             beta_min=self.beta_min,
             beta_max=self.beta_max,
