@@ -1,0 +1,345 @@
+"""Fidelity on real text: how much of an article's value a compacted cache keeps.
+
+Qwen2.5-Coder-0.5B-Instruct (fp32, transformers) reads SQuAD article i packed to about 3,000
+tokens in one user turn, once, together with the repeat-prefill turns that supply reference
+queries. Every method then compacts the article's cache at every ratio (the first 4 tokens and
+the chat-template tokens are kept verbatim and count toward the budget: ratio = T / kept rows),
+and each of up to 24 questions is scored as a second user turn plus its gold answer,
+teacher-forced, over the compacted cache applied as an additive attention bias at the original
+positions. The measure is the mean NLL per answer token and
+
+    retained = (NLL_none - NLL_method) / (NLL_none - NLL_full)
+
+where "none" scores the question turn alone and "full" over the uncompacted cache.
+
+    python -m bench.fidelity --quick                # articles 0-1 at 10x and 20x
+    python -m bench.fidelity --articles 0-9         # every method at 5x, 10x, 20x, 50x
+    python -m bench.fidelity --quick --variant 'am-b5=am-highest:{"beta_min": -5}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from vllm_compaction import documents, hf
+from vllm_compaction.core import METHODS, Compacted, compact_cache
+from vllm_compaction.models import pull
+
+from .report import RESULTS, markdown_table, parse_indices, update_doc, write_json
+
+logger = logging.getLogger("bench.fidelity")
+
+MODEL = "qwen2.5-coder-0.5b"
+RATIOS = (5, 10, 20, 50)
+QUICK_RATIOS = (10, 20)
+QUICK_ARTICLES = "0-1"
+SOURCES = ("context", "repeat")
+KEEP_FIRST = 4
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method with its reference-query sources and core options (`method_options`).
+
+    on_policy: fit each layer on the repeat queries as they arise once the layers below are
+    compacted (one extra forward over the repeat turns per compaction).
+    """
+
+    name: str
+    method: str
+    sources: tuple[str, ...] = SOURCES
+    on_policy: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def parse(spec: str) -> Variant:
+        """'name=method' or 'name=method:{json}'; the json may also hold "sources": [...] and
+        "on_policy": true next to the core options."""
+        name, _, rest = spec.partition("=")
+        method, _, raw = rest.partition(":")
+        options = json.loads(raw) if raw else {}
+        sources = tuple(options.pop("sources", SOURCES))
+        on_policy = bool(options.pop("on_policy", False))
+        if method not in METHODS or not set(sources) <= {"context", "repeat"}:
+            raise argparse.ArgumentTypeError(f"bad variant {spec!r}")
+        if on_policy and "repeat" not in sources:
+            raise argparse.ArgumentTypeError(f"on_policy needs repeat queries: {spec!r}")
+        return Variant(name, method, sources, on_policy, options)
+
+
+@dataclass(frozen=True)
+class Reading:
+    """An article read once: its context, every layer captured, the turns to score."""
+
+    title: str
+    context: hf.ChatContext
+    layers: list[hf.LayerCapture]
+    repeat_ids: torch.Tensor  # [R] the repeat-prefill turns after the context
+    turns: list[hf.Turn]  # question + answer after the article
+    bare_turns: list[hf.Turn]  # question + answer alone (no context)
+    seconds: float
+
+
+def read_article(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    index: int,
+    max_tokens: int,
+    max_questions: int,
+) -> Reading:
+    """One forward over [article turn][repeat turns], capturing context and repeat queries."""
+    article = documents.squad_article(
+        index, hf.chat_token_count(tokenizer), max_tokens, max_questions
+    )
+    history = article.messages()
+    context = hf.encode_context(tokenizer, history, article.text)
+    t = len(context)
+    repeat = hf.repeat_turn(tokenizer, history, article.text)
+    start = time.perf_counter()
+    layers = hf.capture(
+        model,
+        torch.cat([context.ids, repeat.ids]),
+        t,
+        {"context": (0, t), "repeat": (t, t + len(repeat.ids))},
+    )
+    seconds = time.perf_counter() - start
+    return Reading(
+        title=article.title,
+        context=context,
+        layers=layers,
+        repeat_ids=repeat.ids,
+        turns=[hf.answer_turn(tokenizer, history, q.text, q.answer) for q in article.questions],
+        bare_turns=[hf.answer_turn(tokenizer, [], q.text, q.answer) for q in article.questions],
+        seconds=seconds,
+    )
+
+
+def answer_nll(
+    model: PreTrainedModel,
+    prefix: Sequence[hf.PrefixLayer] | None,
+    context_len: int,
+    turns: Sequence[hf.Turn],
+) -> tuple[float, list[float]]:
+    """Mean NLL per answer token over all turns, and each turn's own mean."""
+    total, count, per_turn = 0.0, 0, []
+    for turn in turns:
+        logprobs = hf.score_with_compacted(model, prefix, context_len, turn.ids)
+        target = -logprobs[turn.target[1:]]
+        total, count = total + float(target.sum()), count + target.numel()
+        per_turn.append(float(target.mean()))
+    return total / count, per_turn
+
+
+def compact(
+    model: PreTrainedModel, reading: Reading, variant: Variant, ratio: float
+) -> tuple[list[Compacted], float]:
+    """Every layer compacted by `variant` at `ratio`, and the seconds it took."""
+
+    def fit_layer(index: int, on_policy: hf.Queries | None) -> Compacted:
+        layer = reading.layers[index]
+        sets = {**layer.queries, **({"repeat": on_policy} if on_policy else {})}
+        queries = hf.Queries.cat([sets[s] for s in variant.sources])
+        return compact_cache(
+            [layer.keys],
+            [layer.values],
+            [queries.vectors],
+            ratio=ratio,
+            query_positions=[queries.positions],
+            keep_first=KEEP_FIRST,
+            protected=reading.context.protected_spans(),
+            method=variant.method,
+            **variant.options,
+        )[0]
+
+    start = time.perf_counter()
+    if variant.on_policy:
+        t = len(reading.context)
+        compacted = hf.compact_on_policy(model, t, reading.repeat_ids, fit_layer)
+    else:
+        compacted = [fit_layer(i, None) for i in range(len(reading.layers))]
+    return compacted, time.perf_counter() - start
+
+
+def run_article(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    index: int,
+    variants: Sequence[Variant],
+    ratios: Sequence[float],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """NLLs of every condition on one article (JSON-ready)."""
+    reading = read_article(model, tokenizer, index, args.max_tokens, args.questions)
+    t = len(reading.context)
+    logger.info("article %d %r: T=%d, read in %.1fs", index, reading.title, t, reading.seconds)
+    none, none_each = answer_nll(model, None, 0, reading.bare_turns)
+    full_prefix = [layer.full_prefix() for layer in reading.layers]
+    full, full_each = answer_nll(model, full_prefix, t, reading.turns)
+    logger.info("  none %.3f  full %.3f", none, full)
+    conditions = []
+    for ratio in ratios:
+        for variant in variants:
+            compacted, seconds = compact(model, reading, variant, ratio)
+            nll, each = answer_nll(model, compacted, t, reading.turns)
+            logger.info("  %-12s %4gx  nll %.3f  (%.1fs)", variant.name, ratio, nll, seconds)
+            conditions.append(
+                {
+                    "variant": variant.name,
+                    "ratio": ratio,
+                    "nll": nll,
+                    "per_question": each,
+                    "kept_rows": int(compacted[0].lengths.max()),
+                    "compact_seconds": seconds,
+                }
+            )
+    return {
+        "index": index,
+        "title": reading.title,
+        "context_tokens": t,
+        "verbatim_tokens": int(reading.context.protected.sum()),
+        "questions": len(reading.turns),
+        "read_seconds": reading.seconds,
+        "none": {"nll": none, "per_question": none_each},
+        "full": {"nll": full, "per_question": full_each},
+        "conditions": conditions,
+    }
+
+
+def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Article-averaged NLLs and retained value per variant and ratio."""
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(values) / len(values)
+
+    none = mean([r["none"]["nll"] for r in runs])
+    full = mean([r["full"]["nll"] for r in runs])
+    nll: dict[str, dict[str, float]] = {}
+    for condition in runs[0]["conditions"]:
+        name, ratio = condition["variant"], condition["ratio"]
+        values = [
+            c["nll"]
+            for r in runs
+            for c in r["conditions"]
+            if (c["variant"], c["ratio"]) == (name, ratio)
+        ]
+        nll.setdefault(name, {})[f"{ratio:g}"] = mean(values)
+    retained = {
+        name: {ratio: (none - value) / (none - full) for ratio, value in by_ratio.items()}
+        for name, by_ratio in nll.items()
+    }
+    return {"nll_none": none, "nll_full": full, "nll": nll, "retained": retained}
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    ratios = list(next(iter(summary["retained"].values())))
+    rows = [
+        [name, *(by_ratio[r] for r in ratios), *(summary["nll"][name][r] for r in ratios)]
+        for name, by_ratio in summary["retained"].items()
+    ]
+    header = ["method", *(f"retained {r}x" for r in ratios), *(f"NLL {r}x" for r in ratios)]
+    return markdown_table(header, rows)
+
+
+def plot(summary: dict[str, Any], model: str, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, by_ratio in summary["retained"].items():
+        ratios = [float(r) for r in by_ratio]
+        ax.plot(ratios, list(by_ratio.values()), marker="o", label=name)
+    ax.set_xscale("log")
+    ax.set_xticks(ratios, [f"{r:g}x" for r in ratios])
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("compaction ratio T / kept rows")
+    ax.set_ylabel("retained (NLL_none - NLL) / (NLL_none - NLL_full)")
+    ax.set_title(f"{model} on SQuAD: answer likelihood kept")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def fidelity_doc(
+    args: argparse.Namespace, summary: dict[str, Any], runs: Sequence[dict[str, Any]], table: str
+) -> str:
+    tokens = [r["context_tokens"] for r in runs]
+    return f"""## Fidelity: {args.model} on SQuAD (`bench/fidelity.py`)
+
+Articles {args.articles} ({len(runs)}; {min(tokens)}-{max(tokens)} context tokens, up to
+{args.questions} questions each), fp32 transformers on CPU. Teacher-forced mean NLL per answer
+token, averaged over articles: no context {summary["nll_none"]:.3f}, full cache
+{summary["nll_full"]:.3f}. Retained = (NLL_none - NLL) / (NLL_none - NLL_full); ratio = T / kept
+rows (the first {KEEP_FIRST} and the chat-template tokens are kept verbatim inside the budget).
+Reference queries: context (causal) + repeat-prefill. Figure: `bench/results/{args.tag}.png`,
+data: `bench/results/{args.tag}.json`.
+
+{table}
+"""
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--articles", default="0-9", help="SQuAD article indices, e.g. 0-9")
+    parser.add_argument("--ratios", type=float, nargs="+", default=list(RATIOS))
+    parser.add_argument("--quick", action="store_true", help="articles 0-1 at 10x and 20x")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument(
+        "--variant",
+        type=Variant.parse,
+        action="append",
+        default=[],
+        help="extra 'name=method[:{json options}]'; json may set \"sources\"",
+    )
+    parser.add_argument("--model", default=MODEL, help="a name known to vllm_compaction.models")
+    parser.add_argument("--max-tokens", type=int, default=3000)
+    parser.add_argument("--questions", type=int, default=24)
+    parser.add_argument("--tag", default="fidelity", help="name of the result files")
+    parser.add_argument("--no-doc", action="store_true", help="do not update the docs table")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.articles, args.ratios = QUICK_ARTICLES, list(QUICK_RATIOS)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    torch.manual_seed(0)
+    variants = [Variant(m, m) for m in args.methods] + args.variant
+    model, tokenizer = hf.load_model(pull(args.model))
+    config = {
+        "model": args.model,
+        "articles": args.articles,
+        "ratios": args.ratios,
+        "max_tokens": args.max_tokens,
+        "questions": args.questions,
+        "variants": [asdict(v) for v in variants],
+        "threads": torch.get_num_threads(),
+    }
+    runs = []
+    for index in parse_indices(args.articles):
+        runs.append(run_article(model, tokenizer, index, variants, args.ratios, args))
+        summary = summarise(runs)  # saved after every article: a long run keeps what it did
+        write_json(args.tag, {"config": config, "summary": summary, "articles": runs})
+    table = summary_table(summary)
+    print(table)
+    plot(summary, args.model, str(RESULTS / f"{args.tag}.png"))
+    if not args.no_doc:
+        update_doc("fidelity", fidelity_doc(args, summary, runs, table))
+
+
+if __name__ == "__main__":
+    main()
