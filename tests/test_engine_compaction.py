@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import types
 
 import pytest
@@ -30,7 +31,14 @@ def llm(tiny_llama_dir):
         kv_transfer_config=KVTransferConfig(**CONNECTOR_CONFIG),
     )
     engine.collective_rpc("compaction_bind")
-    return engine
+    yield engine
+    # vLLM keeps the connector in a process-wide slot; later in-process engines have none.
+    from vllm.distributed.kv_transfer.kv_transfer_state import ensure_kv_transfer_shutdown
+
+    del engine
+    gc.collect()
+    ensure_kv_transfer_shutdown()
+    STATE.__init__()  # and our worker state, which points at this engine's runner
 
 
 @pytest.fixture(scope="module")
