@@ -156,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     write_json(args.tag, {"config": config, "rows": rows})
     if not args.no_doc:
         update_doc(
-            "speed",
+            args.tag,
             f"""## Compaction speed: {MODEL} (`bench/compaction_speed.py`)
 
 fp32 transformers on CPU ({torch.get_num_threads()} threads), Paul Graham essays in one user

@@ -259,7 +259,8 @@ def plot(summary: dict[str, Any], model: str, path: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, by_ratio in summary["retained"].items():
         ratios = [float(r) for r in by_ratio]
-        ax.plot(ratios, list(by_ratio.values()), marker="o", label=name)
+        style = "-" if name.startswith("am-") else "--"  # fitted methods solid, eviction dashed
+        ax.plot(ratios, list(by_ratio.values()), style, marker="o", label=name)
     ax.set_xscale("log")
     ax.set_xticks(ratios, [f"{r:g}x" for r in ratios])
     ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
@@ -278,13 +279,16 @@ def fidelity_doc(
     tokens = [r["context_tokens"] for r in runs]
     return f"""## Fidelity: {args.model} on SQuAD (`bench/fidelity.py`)
 
-Articles {args.articles} ({len(runs)}; {min(tokens)}-{max(tokens)} context tokens, up to
-{args.questions} questions each), fp32 transformers on CPU. Teacher-forced mean NLL per answer
-token, averaged over articles: no context {summary["nll_none"]:.3f}, full cache
-{summary["nll_full"]:.3f}. Retained = (NLL_none - NLL) / (NLL_none - NLL_full); ratio = T / kept
-rows (the first {KEEP_FIRST} and the chat-template tokens are kept verbatim inside the budget).
-Reference queries: context (causal) + repeat-prefill. Figure: `bench/results/{args.tag}.png`,
-data: `bench/results/{args.tag}.json`.
+Articles {args.articles} ({len(runs)} articles, {min(tokens)}-{max(tokens)} context tokens,
+up to {args.questions} questions each); fp32 transformers on CPU.
+Teacher-forced mean NLL per answer token, averaged over articles:
+no context {summary["nll_none"]:.3f}, full cache {summary["nll_full"]:.3f}.
+Retained = (NLL_none - NLL) / (NLL_none - NLL_full).
+Ratio = T / kept rows; the first {KEEP_FIRST} and the chat-template tokens are kept verbatim
+inside that budget.
+Reference queries of the method rows: {" + ".join(args.sources)}
+(context queries are causal); variants list their own in the JSON.
+Figure: `bench/results/{args.tag}.png`; data: `bench/results/{args.tag}.json`.
 
 {table}
 """
@@ -297,6 +301,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="articles 0-1 at 10x and 20x")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument(
+        "--sources",
+        nargs="+",
+        default=list(SOURCES),
+        choices=["context", "repeat"],
+        help="reference queries of the --methods runs",
+    )
+    parser.add_argument(
+        "--max-queries", type=int, help="reference queries per head (core default if unset)"
+    )
+    parser.add_argument(
         "--variant",
         type=Variant.parse,
         action="append",
@@ -306,7 +320,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--model", default=MODEL, help="a name known to vllm_compaction.models")
     parser.add_argument("--max-tokens", type=int, default=3000)
     parser.add_argument("--questions", type=int, default=24)
-    parser.add_argument("--tag", default="fidelity", help="name of the result files")
+    parser.add_argument(
+        "--tag", default="fidelity", help="name of the result files and doc section"
+    )
     parser.add_argument("--no-doc", action="store_true", help="do not update the docs table")
     args = parser.parse_args(argv)
     if args.quick:
@@ -318,7 +334,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     torch.manual_seed(0)
-    variants = [Variant(m, m) for m in args.methods] + args.variant
+    options = {} if args.max_queries is None else {"max_queries": args.max_queries}
+    sources = tuple(args.sources)
+    variants = [Variant(m, m, sources, options=options) for m in args.methods] + args.variant
     model, tokenizer = hf.load_model(pull(args.model))
     config = {
         "model": args.model,
@@ -338,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table)
     plot(summary, args.model, str(RESULTS / f"{args.tag}.png"))
     if not args.no_doc:
-        update_doc("fidelity", fidelity_doc(args, summary, runs, table))
+        update_doc(args.tag, fidelity_doc(args, summary, runs, table))
 
 
 if __name__ == "__main__":
