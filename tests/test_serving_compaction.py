@@ -264,7 +264,7 @@ def test_metrics_count_compactions_handles_and_requests(server, client, context)
 
     ok = {"method": "am-highest", "outcome": "ok"}
     assert delta("vllm_compaction:compactions_total", **ok) == 1
-    refused = {"method": "nope", "outcome": "refused"}
+    refused = {"method": "unknown", "outcome": "refused"}
     assert delta("vllm_compaction:compactions_total", **refused) == 1
     assert delta("vllm_compaction:tokens_total", direction="in") == handle["original_tokens"]
     assert delta("vllm_compaction:tokens_total", direction="out") == handle["compacted_tokens"]

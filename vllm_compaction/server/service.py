@@ -110,15 +110,17 @@ class CompactionService:
         self.deleted: dict[str, int] = {}  # deleted while in use -> bytes still held
 
     async def compact(self, request: CompactRequest, tenant: str) -> Compaction:
+        # Callers' strings must not become label values (unbounded series).
+        method = request.method if request.method in METHODS else "unknown"
         try:
             info = await self._compact(request, tenant)
         except CompactionError:
-            metrics.COMPACTIONS.labels(request.method, "refused").inc()
+            metrics.COMPACTIONS.labels(method, "refused").inc()
             raise
         except Exception:
-            metrics.COMPACTIONS.labels(request.method, "failed").inc()
+            metrics.COMPACTIONS.labels(method, "failed").inc()
             raise
-        metrics.COMPACTIONS.labels(request.method, "ok").inc()
+        metrics.COMPACTIONS.labels(method, "ok").inc()
         metrics.TOKENS.labels("in").inc(info.original_tokens)
         metrics.TOKENS.labels("out").inc(info.compacted_tokens)
         metrics.RATIO.observe(info.ratio)
