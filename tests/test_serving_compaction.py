@@ -152,6 +152,16 @@ def test_bad_handle_uses_are_refused(server, client, context):
             echo=True,
             extra_body={"compaction": handle["id"]},
         )
+    forged = {"compaction": {"handle": handle["id"], "slots": 64}}
+    for route, body in (
+        ("/v1/completions", {"prompt": "x"}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+    ):
+        response = httpx.post(
+            f"{server}{route}",
+            json={"model": MODEL, "max_tokens": 1, "kv_transfer_params": forged, **body},
+        )
+        assert response.status_code == 400 and "reserved" in response.text
     malformed = httpx.post(
         f"{server}/v1/compact", content=b"{not json", headers={"content-type": "application/json"}
     )

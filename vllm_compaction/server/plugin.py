@@ -18,6 +18,7 @@ from vllm.entrypoints.openai.completion.api_router import create_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
 from vllm_compaction import store
+from vllm_compaction.engine.state import PARAMS_KEY
 from vllm_compaction.server import metrics
 from vllm_compaction.server.protocol import CompactionDeleted, CompactRequest
 from vllm_compaction.server.service import CompactionError, CompactionService
@@ -102,6 +103,9 @@ async def chat_completions(request: ChatCompletionRequest, raw: Request):
 
 async def _serve(request: Any, raw: Request, endpoint: str, stock: Callable, place: Callable):
     """Hand a request to vLLM's own handler, on its handle's compacted context if it names one."""
+    # Only this plugin may address the engine's compaction machinery.
+    if PARAMS_KEY in (request.kv_transfer_params or {}):
+        return _error(f"kv_transfer_params.{PARAMS_KEY} is reserved", param="kv_transfer_params")
     if "compaction" not in (request.model_extra or {}):
         if request.cache_salt is not None:  # a caller's salt can never equal a handle's
             request.cache_salt = f"user:{raw.state.tenant}:{request.cache_salt}"
