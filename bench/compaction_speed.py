@@ -71,6 +71,7 @@ def compact_all(
         query_positions=[q.positions for q in queries],
         protected=context.protected_spans(),
         method=args.method,
+        **({} if args.max_queries is None else {"max_queries": args.max_queries}),
     )
 
 
@@ -134,6 +135,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lengths", type=int, nargs="+", default=list(LENGTHS))
     parser.add_argument("--ratio", type=float, default=RATIO)
     parser.add_argument("--method", default="am-highest")
+    parser.add_argument(
+        "--max-queries", type=int, help="reference queries per head (core default if unset)"
+    )
     parser.add_argument("--tag", default="compaction_speed")
     parser.add_argument("--no-doc", action="store_true", help="do not update the docs table")
     return parser.parse_args(argv)
@@ -151,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "model": MODEL,
         "ratio": args.ratio,
         "method": args.method,
+        "max_queries": args.max_queries,
         "threads": torch.get_num_threads(),
     }
     write_json(args.tag, {"config": config, "rows": rows})
@@ -159,10 +164,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             args.tag,
             f"""## Compaction speed: {MODEL} (`bench/compaction_speed.py`)
 
-fp32 transformers on CPU ({torch.get_num_threads()} threads), Paul Graham essays in one user
-turn, {args.method} at {args.ratio:g}x over all layers; "x prefill" divides by the model's own
-prefill of the context. Repeat queries cost an extra forward over about T more tokens
-(beyond SmolLM2's 8k positions at T = 8k: timing only). Data: `bench/results/{args.tag}.json`.
+fp32 transformers on CPU, {torch.get_num_threads()} threads; Paul Graham essays in one user turn.
+Compaction: {args.method} at {args.ratio:g}x over all layers, max_queries
+{args.max_queries or "default"}. "x prefill" divides by the model's own prefill of the context.
+Repeat queries cost an extra forward over about T more tokens
+(past SmolLM2's 8k positions at T = 8k: timing only).
+Data: `bench/results/{args.tag}.json`.
 
 {text}
 """,

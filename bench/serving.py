@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 from bench.report import markdown_table, write_json
 from tests.server import served
 from vllm_compaction import documents, models
+from vllm_compaction.cli import SERVE_ENV
 
 MODEL = "smollm2-135m"
 BLOCK = 128  # vLLM's CPU default
@@ -140,7 +141,7 @@ def main() -> None:
     with served(
         [],
         logs / "serving-stock.log",
-        env={"VLLM_PLUGINS": ""},
+        env={**SERVE_ENV, "VLLM_PLUGINS": ""},  # the same thread binding as ours
         command=[
             *stock_cmd,
             "--model",

@@ -13,6 +13,7 @@ from tests.compare import assert_same_greedy
 from tests.engine import in_process_llm
 from vllm_compaction import documents, hf
 from vllm_compaction.engine import CONNECTOR_CONFIG, WORKER_EXTENSION
+from vllm_compaction.engine.params import signed
 from vllm_compaction.engine.state import STATE
 
 BLOCK = 32
@@ -74,7 +75,7 @@ def _compact(llm, key: str, context: list[int], budget: int) -> int:
 
 
 def _transfer(params: dict) -> dict:
-    return {"kv_transfer_params": {"compaction": params}}
+    return {"kv_transfer_params": signed(params)}
 
 
 def _use(llm, key: str, slots: int, suffix: list[int]):
@@ -164,6 +165,30 @@ def test_a_handle_request_holds_its_slots_not_the_context(llm, texts):
 def test_plain_requests_report_nothing(llm, texts):
     context, suffix = texts
     assert _run(llm, context + suffix, _params()).kv_transfer_params is None
+
+
+def test_unsigned_parameters_make_a_plain_request(llm, texts):
+    context, suffix = texts
+    slots = _compact(llm, "cmp_forged", context, budget=len(context) // 10)
+    ids = [0] * slots + suffix
+    plain = _run(llm, ids, _params(), salt="plain")
+    unsigned = {"kv_transfer_params": {"compaction": {"handle": "cmp_forged", "slots": slots}}}
+    tampered = _transfer({"handle": "cmp_forged", "slots": slots})
+    tampered["kv_transfer_params"]["compaction"]["slots"] = slots - BLOCK
+    capture = {"capture": "cmp_sneak", "context_len": 8, "query_start": 0, "query_end": 8}
+    sneak = {"kv_transfer_params": {"compaction": capture}}
+    for i, extra in enumerate((unsigned, tampered, sneak)):
+        forged = _run(llm, ids, _params(extra_args=extra), salt=f"forged-{i}")
+        assert forged.kv_transfer_params is None and forged.num_cached_tokens == 0
+        assert _sampled_logprobs(forged) == _sampled_logprobs(plain)
+    assert "cmp_sneak" not in STATE.captures
+
+
+def test_a_signed_request_for_a_missing_handle_fails_alone(llm, texts):
+    context, suffix = texts
+    missing = _use(llm, "cmp_never_made", BLOCK, suffix)
+    assert missing.outputs[0].finish_reason == "error" and not missing.outputs[0].token_ids
+    assert _run(llm, context + suffix, _params()).outputs[0].token_ids  # the engine still serves
 
 
 def test_reclaimed_blocks_are_refilled_from_the_host_copy(llm, texts):

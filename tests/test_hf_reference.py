@@ -175,3 +175,22 @@ def test_biased_attention_matches_plain_torch():
         mask = torch.cat([prefix.bias[g].expand(length, -1), causal], dim=1)
         weights = torch.softmax(0.3 * query[0, h] @ keys.T + mask, dim=-1)
         torch.testing.assert_close(out[0, :, h], weights @ values, rtol=0, atol=1e-5)
+
+
+def test_on_policy_with_identity_compaction_sees_the_captured_queries(smollm2, read):
+    model, _ = smollm2
+    context, turn, layers = read
+    t, end = len(context), len(context) + len(turn.ids)
+    captured = hf.capture(model, torch.cat([context.ids, turn.ids]), t, {"turn": (t, end)})
+    seen: dict[int, hf.Queries] = {}
+
+    def identity(index: int, queries: hf.Queries) -> hf.Prefix:
+        seen[index] = queries
+        return layers[index].full_prefix()
+
+    prefix = hf.compact_on_policy(model, t, turn.ids, identity)
+    assert len(prefix) == len(layers) == len(seen)
+    for i in (0, len(layers) - 1):
+        expected = captured[i].queries["turn"]
+        torch.testing.assert_close(seen[i].vectors, expected.vectors, rtol=0, atol=1e-4)
+        assert torch.equal(seen[i].positions, expected.positions)

@@ -162,6 +162,14 @@ def test_bad_handle_uses_are_refused(server, client, context):
             json={"model": MODEL, "max_tokens": 1, "kv_transfer_params": forged, **body},
         )
         assert response.status_code == 400 and "reserved" in response.text
+    # Routes we do not wrap pass kv_transfer_params through; the engine ignores unsigned ones.
+    chat = [{"role": "user", "content": "x"}]
+    messages = {"model": MODEL, "max_tokens": 4, "temperature": 0, "messages": chat}
+    plain = httpx.post(f"{server}/v1/messages", json=messages)
+    forged["compaction"]["signature"] = "0" * 64
+    sneaky = httpx.post(f"{server}/v1/messages", json={**messages, "kv_transfer_params": forged})
+    assert plain.status_code == sneaky.status_code == 200
+    assert sneaky.json()["content"] == plain.json()["content"]
     malformed = httpx.post(
         f"{server}/v1/compact", content=b"{not json", headers={"content-type": "application/json"}
     )

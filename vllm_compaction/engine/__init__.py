@@ -8,4 +8,5 @@ CONNECTOR_CONFIG = {
     "kv_connector": "CompactionConnector",
     "kv_connector_module_path": "vllm_compaction.engine.connector",
     "kv_role": "kv_both",
+    "kv_load_failure_policy": "fail",  # a handle a worker lacks fails its request
 }

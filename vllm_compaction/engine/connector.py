@@ -20,7 +20,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.model_executor.models.utils import extract_layer_index
 
-from vllm_compaction.engine.state import PARAMS_KEY, STATE, request_params
+from vllm_compaction.engine.params import PARAMS_KEY, request_params
+from vllm_compaction.engine.state import STATE
 
 
 @dataclass
@@ -44,6 +45,7 @@ class CompactionConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         self._pending: list[Load] = []  # scheduler side, until the next metadata
         self._layers: dict[int, tuple[torch.Tensor, Any]] = {}  # worker: index -> (cache, layer)
+        self._failed_blocks: set[int] = set()  # worker: loads of handles it does not hold
 
     # Scheduler side.
 
@@ -96,8 +98,18 @@ class CompactionConnector(KVConnectorBase_V1):
         for load in metadata.loads:
             self._write(load)
 
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        # The engine fails the requests that own these blocks (kv_load_failure_policy "fail").
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
     def _write(self, load: Load) -> None:
-        handle = STATE.handles[load.handle]
+        handle = STATE.handles.get(load.handle)
+        if handle is None:
+            first = load.start // self._block_size
+            last = (load.start + load.count - 1) // self._block_size
+            self._failed_blocks.update(load.block_ids[first : last + 1])
+            return
         positions = torch.arange(load.start, load.start + load.count)
         blocks = torch.tensor(load.block_ids)[positions // self._block_size]
         slot_mapping = blocks * self._block_size + positions % self._block_size

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from vllm_compaction.engine.params import ensure_secret
+
 SUPPORTED_VLLM = "0.32.0"
 ATTENTION_BACKEND = "vllm_compaction.engine.attention.CompactionAttentionBackend"
 
@@ -25,6 +27,7 @@ def register() -> None:
             f"vllm-compaction supports vLLM {SUPPORTED_VLLM}; this environment has "
             f"{vllm.__version__}. Run deploy/setup.sh to get the supported version."
         )
+    ensure_secret()
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN, ATTENTION_BACKEND)
     logger.info("vllm-compaction plugin loaded (vLLM %s)", vllm.__version__)

@@ -1,8 +1,8 @@
 """What one worker process knows about compaction: handles, captures, and this step's roles.
 
 The attention backend, the KV connector and the worker extension live in the same worker
-process and meet here. Requests say what they are through their kv_transfer_params:
-{"compaction": {"capture": key, ...}} or {"compaction": {"handle": key, "slots": S}}.
+process and meet here. Requests say what they are through their signed parameters
+(`params.py`): {"capture": key, ...} or {"handle": key, "slots": S}.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-PARAMS_KEY = "compaction"
+from vllm_compaction.engine.params import request_params
 
 
 @dataclass
@@ -122,15 +122,10 @@ class WorkerState:
                         params["context_len"], params["query_start"], params["query_end"]
                     )
                 rows.append(Row(index, capture=self.captures[key]))
-            elif "handle" in params:
+            elif params.get("handle") in self.handles:
                 rows.append(Row(index, handle=self.handles[params["handle"]]))
+            # A handle this worker lacks: the connector failed its load, so the engine fails it.
         return rows
-
-
-def request_params(sampling_params: Any) -> dict[str, Any] | None:
-    """A request's compaction parameters, or None for a plain request."""
-    extra = getattr(sampling_params, "extra_args", None) or {}
-    return (extra.get("kv_transfer_params") or {}).get(PARAMS_KEY)
 
 
 def paged_rows(cache: Tensor, blocks: Tensor, length: int) -> tuple[Tensor, Tensor]:

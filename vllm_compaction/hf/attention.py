@@ -37,9 +37,14 @@ class PrefixLayer(Protocol):
     (-inf hides a row, e.g. padding), values [H_kv, t, d].
     """
 
-    keys: Tensor
-    bias: Tensor
-    values: Tensor
+    @property
+    def keys(self) -> Tensor: ...
+
+    @property
+    def bias(self) -> Tensor: ...
+
+    @property
+    def values(self) -> Tensor: ...
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from vllm.entrypoints.openai.completion.api_router import create_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
 from vllm_compaction import store
-from vllm_compaction.engine.state import PARAMS_KEY
+from vllm_compaction.engine.params import PARAMS_KEY
 from vllm_compaction.server import metrics
 from vllm_compaction.server.protocol import CompactionDeleted, CompactRequest
 from vllm_compaction.server.service import CompactionError, CompactionService

@@ -1,7 +1,7 @@
 """The compaction flow in the API server: tokenize, capture, compact on the workers, track handles.
 
-A handle id doubles as the cache salt of the blocks that hold its KV, so no two handles (and
-no plain request) ever share a block.
+The blocks that hold a handle's KV carry a cache salt keyed by its tenant and id, so no two
+handles (and no plain request) ever share a block.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from vllm.inputs.engine import tokens_input
 
 from vllm_compaction import store
 from vllm_compaction.core import METHODS
-from vllm_compaction.engine.state import PARAMS_KEY
+from vllm_compaction.engine.params import private_salt, signed
 from vllm_compaction.server import metrics
 from vllm_compaction.server.protocol import (
     DEFAULT_RATIO,
@@ -61,7 +61,7 @@ class HandleRecord:
     @property
     def salt(self) -> str:
         """Cache salt of the handle's blocks: no other handle, tenant or plain request hits them."""
-        return f"compaction:{self.tenant}:{self.info.id}"
+        return private_salt(f"{self.tenant}:{self.info.id}")
 
     def expired(self) -> bool:
         return self.info.expires_at <= time.time()
@@ -161,9 +161,7 @@ class CompactionService:
             "query_start": query_range[0],
             "query_end": query_range[1],
         }
-        params = SamplingParams(
-            max_tokens=1, extra_args={"kv_transfer_params": {PARAMS_KEY: capture}}
-        )
+        params = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": signed(capture)})
         # A fresh salt: a prefix-cache hit would skip the forward that records the rows.
         prompt = tokens_input(capture_ids, cache_salt=f"compaction-capture:{handle_id}")
         options = {
@@ -381,7 +379,7 @@ class CompactionService:
                 f"{record.slots} compacted slots + {len(ids)} tokens exceed the model's "
                 f"context of {self.max_model_len}"
             )
-        params = {PARAMS_KEY: {"handle": handle_id, "slots": record.slots}}
+        params = signed({"handle": handle_id, "slots": record.slots})
         return [PLACEHOLDER_ID] * record.slots + ids, record.salt, params
 
     async def _context_tokens(self, request: CompactRequest) -> tuple[list[int], list[list[int]]]:
