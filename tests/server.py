@@ -13,6 +13,9 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 START_TIMEOUT_S = 240
 
 
@@ -64,3 +67,14 @@ def _wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> None:
                 return
         time.sleep(1)
     raise RuntimeError(f"server not healthy after {START_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+
+
+def metrics(base: str) -> dict[tuple[str, tuple], float]:
+    """The server's vllm_compaction:* samples, keyed by (name, sorted label items)."""
+    text = httpx.get(f"{base}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name.startswith("vllm_compaction:")
+    }

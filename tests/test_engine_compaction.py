@@ -191,6 +191,15 @@ def test_a_signed_request_for_a_missing_handle_fails_alone(llm, texts):
     assert _run(llm, context + suffix, _params()).outputs[0].token_ids  # the engine still serves
 
 
+def test_cached_handle_blocks_without_the_handle_fail_rather_than_lose_beta(llm, texts):
+    context, suffix = texts
+    slots = _compact(llm, "cmp_spilled", context, budget=len(context) // 10)
+    assert _use(llm, "cmp_spilled", slots, suffix).outputs[0].token_ids  # its blocks are cached
+    llm.collective_rpc("compaction_delete", args=("cmp_spilled",))  # as a spill does
+    stale = _use(llm, "cmp_spilled", slots, suffix)
+    assert stale.outputs[0].finish_reason == "error" and not stale.outputs[0].token_ids
+
+
 def test_reclaimed_blocks_are_refilled_from_the_host_copy(llm, texts):
     context, suffix = texts
     slots = _compact(llm, "cmp_refill", context, budget=len(context) // 5)

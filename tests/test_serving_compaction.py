@@ -7,11 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from tests.compare import assert_same_greedy
-from tests.server import served
+from tests.server import metrics, served
 from vllm_compaction import documents
 
 pytestmark = pytest.mark.slow
@@ -255,26 +254,16 @@ def test_chat_on_a_messages_handle_continues_the_conversation(client, context):
         )
 
 
-def _metrics(server: str) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{server}/metrics").text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name.startswith("vllm_compaction:")
-    }
-
-
 def test_metrics_count_compactions_handles_and_requests(server, client, context):
-    before = _metrics(server)
+    before = metrics(server)
     handle = _compact(client, prompt=context, ratio=10, queries="context")
     client.completions.create(
         model=MODEL, prompt=" So", max_tokens=2, extra_body={"compaction": handle["id"]}
     )
     httpx.post(f"{server}/v1/compact", json={"model": MODEL, "prompt": "x", "method": "nope"})
-    during = _metrics(server)
+    during = metrics(server)
     client.delete(f"/compactions/{handle['id']}", cast_to=object)
-    after = _metrics(server)
+    after = metrics(server)
 
     def delta(name: str, **labels) -> float:
         key = (name, tuple(sorted(labels.items())))

@@ -58,6 +58,7 @@ def test_another_tenants_handle_is_answered_as_unknown(server):
     chat = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     routes = [
         ("GET", "/v1/compactions/{id}", None),
+        ("GET", "/v1/compactions/{id}/content", None),
         ("DELETE", "/v1/compactions/{id}", None),
         ("POST", "/v1/completions", use),
         ("POST", "/v1/chat/completions", chat),

@@ -9,9 +9,9 @@ import os
 import sys
 from pathlib import Path
 
-from vllm_compaction import models
+from vllm_compaction import models, portable, store
 from vllm_compaction.engine import CONNECTOR_CONFIG, WORKER_EXTENSION
-from vllm_compaction.server import tenants
+from vllm_compaction.server import registry, tenants
 
 # CPU defaults that start on a 24 GiB machine; any of them can be overridden on the command line
 # (for value flags, vLLM's parser keeps the last occurrence).
@@ -31,6 +31,17 @@ SERVE_ENV = {
 }
 
 
+# Our own `serve` flags: vLLM never sees them; the server process reads their environment variable.
+OWN_OPTIONS = {
+    "--api-keys-file": tenants.KEYS_FILE_ENV,
+    "--handles-dir": store.HANDLES_DIR_ENV,
+    "--handle-memory-bytes": registry.MEMORY_ENV,
+    "--handle-disk-bytes": registry.DISK_ENV,
+    "--seal-key-file": portable.SEAL_KEY_ENV,
+}
+FILE_OPTIONS = {"--api-keys-file", "--handles-dir", "--seal-key-file"}
+
+
 def serve_command(argv: list[str]) -> list[str]:
     """The vLLM OpenAI-server command line for `serve [MODEL] [vLLM flags]`."""
     model = models.DEFAULT_MODEL
@@ -44,11 +55,17 @@ def serve_command(argv: list[str]) -> list[str]:
 
 
 def _serve(argv: list[str]) -> None:
-    argv, keys_file = _take_option(argv, "--api-keys-file")
     env = {**SERVE_ENV, **os.environ}
-    if keys_file is not None:
-        tenants.read_keys(Path(keys_file))  # refuse a bad file before starting the engine
-        env[tenants.KEYS_FILE_ENV] = str(Path(keys_file).resolve())
+    for option, variable in OWN_OPTIONS.items():
+        argv, value = _take_option(argv, option)
+        if value is not None:
+            env[variable] = str(Path(value).resolve()) if option in FILE_OPTIONS else value
+    # Refuse bad settings before starting the engine.
+    if tenants.KEYS_FILE_ENV in env:
+        tenants.read_keys(Path(env[tenants.KEYS_FILE_ENV]))
+    os.environ.update(env)
+    registry.Limits.from_env()
+    portable.seal_key()
     cmd = serve_command(argv)
     logging.getLogger(__name__).info("starting: %s", " ".join(cmd))
     # exec: signals (SIGTERM from a supervisor, Ctrl-C) reach vLLM directly.

@@ -24,12 +24,15 @@ from safetensors.torch import load, save
 from vllm_compaction.models import home
 
 MANIFEST = "manifest.json"
+PARTS = ("keys", "values", "bias")  # a handle's tensors, one of each per layer
+
+
+HANDLES_DIR_ENV = "VLLM_COMPACTION_HANDLES_DIR"
 
 
 def handles_dir() -> Path:
     """Where handles are stored; VLLM_COMPACTION_HANDLES_DIR overrides the default."""
-    default = home() / "handles"
-    return Path(os.environ.get("VLLM_COMPACTION_HANDLES_DIR", default)).expanduser()
+    return Path(os.environ.get(HANDLES_DIR_ENV, home() / "handles")).expanduser()
 
 
 class CorruptHandle(Exception):
@@ -66,7 +69,9 @@ def save_layers(path: Path, layers: dict[str, list[torch.Tensor]]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_layers(path: Path, sha256: str, names: tuple[str, ...]) -> dict[str, list[torch.Tensor]]:
+def load_layers(
+    path: Path, sha256: str, names: tuple[str, ...] = PARTS
+) -> dict[str, list[torch.Tensor]]:
     """Read what `save_layers` wrote, refusing a file whose sha256 is not `sha256`."""
     try:
         data = path.read_bytes()

@@ -45,7 +45,6 @@ class CompactionConnector(KVConnectorBase_V1):
         self._block_size = vllm_config.cache_config.block_size
         self._pending: list[Load] = []  # scheduler side, until the next metadata
         self._layers: dict[int, tuple[torch.Tensor, Any]] = {}  # worker: index -> (cache, layer)
-        self._failed_blocks: set[int] = set()  # worker: loads of handles it does not hold
 
     # Scheduler side.
 
@@ -100,7 +99,7 @@ class CompactionConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         # The engine fails the requests that own these blocks (kv_load_failure_policy "fail").
-        failed, self._failed_blocks = self._failed_blocks, set()
+        failed, STATE.failed_blocks = STATE.failed_blocks, set()
         return failed
 
     def _write(self, load: Load) -> None:
@@ -108,7 +107,7 @@ class CompactionConnector(KVConnectorBase_V1):
         if handle is None:
             first = load.start // self._block_size
             last = (load.start + load.count - 1) // self._block_size
-            self._failed_blocks.update(load.block_ids[first : last + 1])
+            STATE.failed_blocks.update(load.block_ids[first : last + 1])
             return
         positions = torch.arange(load.start, load.start + load.count)
         blocks = torch.tensor(load.block_ids)[positions // self._block_size]

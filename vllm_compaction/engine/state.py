@@ -96,6 +96,7 @@ class WorkerState:
         self.runner: Any = None  # the model runner, bound once by the worker extension
         self.handles: dict[str, Handle] = {}
         self.captures: dict[str, Capture] = {}
+        self.failed_blocks: set[int] = set()  # the connector reports them; the engine fails
         self._rows: list[Row] | None = None
 
     def begin_step(self) -> None:
@@ -122,9 +123,13 @@ class WorkerState:
                         params["context_len"], params["query_start"], params["query_end"]
                     )
                 rows.append(Row(index, capture=self.captures[key]))
-            elif params.get("handle") in self.handles:
+            elif params["handle"] in self.handles:
                 rows.append(Row(index, handle=self.handles[params["handle"]]))
-            # A handle this worker lacks: the connector failed its load, so the engine fails it.
+            else:
+                # Its bias is not here: fail the request rather than attend without it.
+                block_size = self.runner.cache_config.block_size
+                blocks = self.runner.requests[req_id].block_ids[0]
+                self.failed_blocks.update(blocks[: -(-params["slots"] // block_size)])
         return rows
 
 

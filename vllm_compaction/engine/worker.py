@@ -14,8 +14,6 @@ from vllm_compaction.core import compact_cache
 from vllm_compaction.engine.rope import shift_positions
 from vllm_compaction.engine.state import STATE, Capture, Handle
 
-_PARTS = ("keys", "values", "bias")
-
 
 class CompactionWorkerExtension:
     """Mixed into vLLM's worker class; may only add methods (vLLM asserts on overrides)."""
@@ -67,16 +65,17 @@ class CompactionWorkerExtension:
         """Write this worker's part of handle `key` into `folder`; returns its file and sha256."""
         handle = STATE.handles[key]
         path = Path(folder) / f"rank{self.rank}.safetensors"
-        layers = {"keys": handle.keys, "values": handle.values, "bias": handle.bias}
+        layers = {part: getattr(handle, part) for part in store.PARTS}
         return {"file": path.name, "sha256": store.save_layers(path, layers)}
 
     def compaction_load(self, key: str, folder: str, files: list[dict[str, str]]) -> None:
-        """Bring a stored handle back into memory (after a restart); refuses altered files."""
-        if len(files) <= self.rank:
-            raise store.CorruptHandle("the handle was stored by fewer workers")
+        """Bring a stored or imported handle into memory; refuses altered or unfitting files."""
+        if len(files) != self.parallel_config.world_size:
+            raise store.CorruptHandle(f"it was stored by {len(files)} workers, not by ours")
         entry = files[self.rank]
-        layers = store.load_layers(Path(folder) / entry["file"], entry["sha256"], _PARTS)
-        STATE.handles[key] = Handle(**layers)
+        handle = Handle(**store.load_layers(Path(folder) / entry["file"], entry["sha256"]))
+        _check_fits(handle, self.vllm_config)
+        STATE.handles[key] = handle
 
     def compaction_delete(self, key: str) -> bool:
         """Free a handle, or the rows of a capture that will not be compacted."""
@@ -99,6 +98,27 @@ def _stack(capture: Capture) -> tuple[list, list, list, list]:
         queries.append(pooled.reshape(heads, group * q.shape[0], -1))
         positions.append(span.repeat(group)[None].expand(heads, -1))
     return keys, values, queries, positions
+
+
+def _check_fits(handle: Handle, vllm_config: Any) -> None:
+    """Refuse tensors this worker's model cannot attend: wrong layers, shapes, dtype, values."""
+    heads = vllm_config.model_config.get_num_kv_heads(vllm_config.parallel_config)
+    size = (heads, handle.slots, vllm_config.model_config.get_head_size())
+    layers = vllm_config.model_config.get_num_layers(vllm_config.parallel_config)
+    dtype = vllm_config.model_config.dtype
+    if handle.slots % vllm_config.cache_config.block_size or not handle.slots:
+        raise store.CorruptHandle(f"{handle.slots} slots do not fill whole blocks")
+    if not len(handle.keys) == len(handle.values) == len(handle.bias) == layers:
+        raise store.CorruptHandle(f"it has {len(handle.keys)} layers; the model has {layers}")
+    for keys, values, bias in zip(handle.keys, handle.values, handle.bias, strict=True):
+        if keys.shape != size or values.shape != size or bias.shape != size[:2]:
+            raise store.CorruptHandle(f"its tensors do not fit the model's {size} KV heads")
+        if keys.dtype != dtype or values.dtype != dtype or bias.dtype != torch.float32:
+            raise store.CorruptHandle(f"its tensors are not {dtype} (bias float32)")
+        if not (keys.isfinite().all() and values.isfinite().all()):
+            raise store.CorruptHandle("its keys or values are not finite")
+        if bias.isnan().any() or (bias == math.inf).any():
+            raise store.CorruptHandle("its bias holds NaN or +inf")
 
 
 def _rotary(runner):

@@ -24,9 +24,24 @@ SECONDS = Histogram(
 HANDLE_REQUESTS = Counter(
     "vllm_compaction:handle_requests_total", "Requests that continue from a handle", ["endpoint"]
 )
-HANDLES = Gauge("vllm_compaction:handles", "Live handles", multiprocess_mode="livesum")
+HANDLES = Gauge(
+    "vllm_compaction:handles", "Live handles (all stored on disk)", multiprocess_mode="livesum"
+)
 HANDLE_BYTES = Gauge(
     "vllm_compaction:handle_bytes",
-    "Bytes of compacted KV held in worker memory (all workers)",
+    "Bytes of compacted KV resident in worker memory (all workers)",
     multiprocess_mode="livesum",
+)
+STORE_DISK_BYTES = Gauge(
+    "vllm_compaction:store_disk_bytes", "Bytes of live handles on disk", multiprocess_mode="livesum"
+)
+STORE_HITS = Counter(
+    "vllm_compaction:store_hits_total",
+    "Uses of a handle, by where its KV was: worker memory or disk (loaded)",
+    ["tier"],
+)
+STORE_EVICTIONS = Counter(
+    "vllm_compaction:store_evictions_total",
+    "Handles spilled from worker memory (memory) or removed from disk (disk) by the budgets",
+    ["budget"],
 )

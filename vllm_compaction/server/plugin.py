@@ -17,20 +17,25 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.api_router import create_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-from vllm_compaction import store
+from vllm_compaction import portable, store
 from vllm_compaction.engine.params import PARAMS_KEY
 from vllm_compaction.server import metrics
+from vllm_compaction.server.errors import CompactionError
 from vllm_compaction.server.protocol import CompactionDeleted, CompactRequest
-from vllm_compaction.server.service import CompactionError, CompactionService
+from vllm_compaction.server.registry import HandleRegistry, Limits
+from vllm_compaction.server.service import CompactionService
 from vllm_compaction.server.tenants import TenantMiddleware
 
 router = APIRouter()
 
 
 def _error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
-    kind = {400: "BadRequestError", 404: "NotFoundError", 410: "GoneError"}.get(
-        status, "InternalServerError"
-    )
+    kind = {
+        400: "BadRequestError",
+        404: "NotFoundError",
+        410: "GoneError",
+        413: "RequestTooLargeError",
+    }.get(status, "InternalServerError")
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
 
@@ -59,7 +64,7 @@ async def list_compactions(
     raw: Request, limit: int = Query(default=20, ge=1, le=100), after: str | None = None
 ):
     try:
-        return _service(raw).list_handles(raw.state.tenant, limit, after)
+        return _service(raw).registry.list(raw.state.tenant, limit, after)
     except CompactionError as error:
         return _refused(error)
 
@@ -67,7 +72,7 @@ async def list_compactions(
 @router.get("/v1/compactions/{handle_id}")
 async def get_compaction(handle_id: str, raw: Request):
     try:
-        return (await _service(raw).get(handle_id, raw.state.tenant)).info
+        return _service(raw).registry.owned(handle_id, raw.state.tenant).info
     except CompactionError as error:
         return _refused(error)
 
@@ -75,10 +80,37 @@ async def get_compaction(handle_id: str, raw: Request):
 @router.delete("/v1/compactions/{handle_id}")
 async def delete_compaction(handle_id: str, raw: Request):
     try:
-        await _service(raw).delete(handle_id, raw.state.tenant)
+        await _service(raw).registry.delete(handle_id, raw.state.tenant)
     except CompactionError as error:
         return _refused(error)
     return CompactionDeleted(id=handle_id)
+
+
+@router.get("/v1/compactions/{handle_id}/content")
+async def export_compaction(handle_id: str, raw: Request):
+    try:
+        blob = await _service(raw).registry.export(handle_id, raw.state.tenant)
+    except CompactionError as error:
+        return _refused(error)
+    disposition = f'attachment; filename="{handle_id}.safetensors"'
+    return Response(
+        blob, media_type="application/octet-stream", headers={"content-disposition": disposition}
+    )
+
+
+@router.post("/v1/compactions")
+async def import_compaction(raw: Request):
+    """Body: a blob from GET /v1/compactions/{id}/content; answers the new handle."""
+    registry = _service(raw).registry
+    blob = bytearray()
+    async for chunk in raw.stream():
+        blob += chunk
+        if len(blob) > registry.limits.disk_bytes:
+            return _error("the blob is larger than the server's handle store", status=413)
+    try:
+        return await registry.import_blob(bytes(blob), raw.state.tenant)
+    except CompactionError as error:
+        return _refused(error)
 
 
 @router.post("/v1/completions")
@@ -113,26 +145,33 @@ async def _serve(request: Any, raw: Request, endpoint: str, stock: Callable, pla
     # Prompt logprobs make vLLM skip cached and injected KV: they would read placeholders.
     if request.prompt_logprobs is not None or request.echo:
         return _error("'prompt_logprobs' and 'echo' are not available with 'compaction'")
-    service = _service(raw)
     try:
         handle_id = _handle_field(request)
-        await place(service, handle_id, raw.state.tenant)
     except CompactionError as error:
         return _refused(error)
+    service = _service(raw)
+    # Held from before its KV is placed until the response ends: never spilled or freed between.
+    service.registry.acquire(handle_id)
+    try:
+        await place(service, handle_id, raw.state.tenant)
+    except BaseException as error:
+        await service.registry.release(handle_id)
+        if isinstance(error, CompactionError):
+            return _refused(error)
+        raise
     metrics.HANDLE_REQUESTS.labels(endpoint).inc()
-    return await _holding(service, handle_id, stock(request, raw))
+    return await _holding(service.registry, handle_id, stock(request, raw))
 
 
-async def _holding(service: CompactionService, handle_id: str, call: Awaitable[Response]):
-    """Run a stock handler while the handle is held, until its response (or stream) ends."""
-    service.acquire(handle_id)
+async def _holding(registry: HandleRegistry, handle_id: str, call: Awaitable[Response]):
+    """Run a stock handler on a held handle; release it when its response (or stream) ends."""
     try:
         response = await call
     except BaseException:
-        await service.release(handle_id)
+        await registry.release(handle_id)
         raise
     if not isinstance(response, StreamingResponse):
-        await service.release(handle_id)
+        await registry.release(handle_id)
         return response
     body = response.body_iterator
 
@@ -141,7 +180,7 @@ async def _holding(service: CompactionService, handle_id: str, call: Awaitable[R
             async for chunk in body:
                 yield chunk
         finally:
-            await service.release(handle_id)
+            await registry.release(handle_id)
 
     response.body_iterator = held()
     return response
@@ -166,12 +205,16 @@ class CompactionEndpoints:
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:
             return
-        await engine_client.collective_rpc("compaction_bind")
+        workers = await engine_client.collective_rpc("compaction_bind")
         model_config = engine_client.model_config
-        state.compaction = CompactionService(
+        registry = HandleRegistry(
             engine_client,
-            state.openai_serving_chat,
-            model_config.max_model_len,
-            store_root=store.handles_dir(),
-            fingerprint=store.model_fingerprint(model_config.model),
+            store.handles_dir(),
+            store.model_fingerprint(model_config.model),
+            Limits.from_env(),
+            workers=len(workers),
+            seal_key=portable.seal_key(),
+        )
+        state.compaction = CompactionService(
+            engine_client, state.openai_serving_chat, model_config.max_model_len, registry
         )

@@ -1,4 +1,5 @@
-"""The compaction flow in the API server: tokenize, capture, compact on the workers, track handles.
+"""The compaction flow in the API server: tokenize, capture, compact on the workers, and place
+a handle in front of a later request's tokens.
 
 The blocks that hold a handle's KV carry a cache salt keyed by its tenant and id, so no two
 handles (and no plain request) ever share a block.
@@ -6,108 +7,41 @@ handles (and no plain request) ever share a block.
 
 from __future__ import annotations
 
-import asyncio
 import math
-import secrets
 import time
 import uuid
-from collections import Counter
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from vllm import SamplingParams
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.inputs.engine import tokens_input
 
-from vllm_compaction import store
 from vllm_compaction.core import METHODS
 from vllm_compaction.engine.params import private_salt, signed
 from vllm_compaction.server import metrics
+from vllm_compaction.server.errors import CompactionError
 from vllm_compaction.server.protocol import (
     DEFAULT_RATIO,
     Compaction,
-    CompactionList,
     CompactionTiming,
     CompactionUsage,
     CompactRequest,
 )
+from vllm_compaction.server.registry import HandleRecord, HandleRegistry, new_handle_id
 from vllm_compaction.templates import verbatim_spans
 
 PLACEHOLDER_ID = 0  # any valid id: the engine never computes these positions
 REPEAT_INSTRUCTION = "Repeat the previous context exactly, word for word."
 
 
-class CompactionError(Exception):
-    """A request the server refuses; carries the HTTP status and the offending field."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.param = param
-
-
-@dataclass
-class HandleRecord:
-    info: Compaction
-    prefix_ids: list[int]  # the context's tokens: a chat that continues it must start with them
-    slots: int
-    bytes: int  # compacted KV held in worker memory, all workers
-    tenant: str
-    messages: list[dict[str, Any]] | None = None  # what a "messages" handle was made from
-    created_ns: int = field(default_factory=time.time_ns)  # orders handles made in one second
-
-    @property
-    def salt(self) -> str:
-        """Cache salt of the handle's blocks: no other handle, tenant or plain request hits them."""
-        return private_salt(f"{self.tenant}:{self.info.id}")
-
-    def expired(self) -> bool:
-        return self.info.expires_at <= time.time()
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "info": self.info.model_dump(),
-            "prefix_ids": self.prefix_ids,
-            "slots": self.slots,
-            "bytes": self.bytes,
-            "tenant": self.tenant,
-            "messages": self.messages,
-            "created_ns": self.created_ns,
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> HandleRecord:
-        return cls(
-            Compaction(**data["info"]),
-            data["prefix_ids"],
-            data["slots"],
-            data["bytes"],
-            data["tenant"],
-            data["messages"],
-            data["created_ns"],
-        )
-
-
 class CompactionService:
     def __init__(
-        self,
-        engine_client: Any,
-        chat_serving: Any,
-        max_model_len: int,
-        store_root: Path,
-        fingerprint: str,
+        self, engine_client: Any, chat_serving: Any, max_model_len: int, registry: HandleRegistry
     ) -> None:
         self.engine = engine_client
         self.chat_serving = chat_serving
         self.max_model_len = max_model_len
-        self.store_root = store_root
-        self.fingerprint = fingerprint
-        self.handles: dict[str, HandleRecord] = {}
-        # Requests still running on a handle; a deleted handle's KV is freed after the last.
-        self.in_use: Counter[str] = Counter()
-        self.deleted: dict[str, int] = {}  # deleted while in use -> bytes still held
+        self.registry = registry
 
     async def compact(self, request: CompactRequest, tenant: str) -> Compaction:
         # Callers' strings must not become label values (unbounded series).
@@ -126,8 +60,6 @@ class CompactionService:
         metrics.RATIO.observe(info.ratio)
         for stage in ("prefill", "compact", "total"):
             metrics.SECONDS.labels(stage).observe(getattr(info.timing, f"{stage}_s"))
-        metrics.HANDLES.inc()
-        metrics.HANDLE_BYTES.inc(self.handles[info.id].bytes)
         return info
 
     async def _compact(self, request: CompactRequest, tenant: str) -> Compaction:
@@ -154,7 +86,7 @@ class CompactionService:
             )
         capture_ids, query_range, queries = await self._capture_prompt(request, ids)
 
-        handle_id = "cmp_" + secrets.token_urlsafe(24)
+        handle_id = new_handle_id()
         capture = {
             "capture": handle_id,
             "context_len": total,
@@ -212,130 +144,14 @@ class CompactionService:
             ),
         )
         held = replies[0]["bytes"] * len(replies)
-        record = HandleRecord(info, ids, slots, held, tenant, request.messages)
-        await self._persist(record)
-        self.handles[handle_id] = record
+        await self.registry.add(HandleRecord(info, ids, slots, held, tenant, request.messages))
         return info
-
-    async def _persist(self, record: HandleRecord) -> None:
-        """Tensors first (each worker its own file), the manifest naming them last."""
-        folder = self.store_root / record.info.id
-        try:
-            files = await self.engine.collective_rpc(
-                "compaction_save", args=(record.info.id, str(folder))
-            )
-            manifest = {"fingerprint": self.fingerprint, "files": files, **record.to_json()}
-            await asyncio.to_thread(store.write_manifest, folder, manifest)
-        except Exception as error:
-            await self.engine.collective_rpc("compaction_delete", args=(record.info.id,))
-            store.remove(folder)
-            raise CompactionError(f"could not store the handle: {error}", status=500) from error
-
-    async def get(self, handle_id: str, tenant: str) -> HandleRecord:
-        """The tenant's handle, loaded from disk on first use after a restart.
-
-        Another tenant's handle is answered exactly as one that never existed.
-        """
-        unknown = CompactionError(f"no compaction {handle_id!r}", status=404, param="compaction")
-        record = self.handles.get(handle_id)
-        if record is not None:
-            if record.tenant != tenant:
-                raise unknown
-            await self._check_expiry(record)
-            return record
-        if not handle_id.startswith("cmp_") or "/" in handle_id or handle_id in self.deleted:
-            raise unknown
-        folder = self.store_root / handle_id
-        try:
-            manifest = store.read_manifest(folder)
-            if manifest is None:
-                raise unknown
-            if manifest["fingerprint"] != self.fingerprint:
-                raise store.CorruptHandle("it was made with other model weights")
-            record = HandleRecord.from_json(manifest)
-            if record.tenant != tenant:
-                raise unknown
-            if record.expired():
-                raise _expired(record)
-            await self.engine.collective_rpc(
-                "compaction_load", args=(handle_id, str(folder), manifest["files"])
-            )
-        except CompactionError:
-            raise
-        except Exception as error:  # corrupt, truncated or foreign: lost, never wrong KV
-            raise CompactionError(
-                f"compaction {handle_id} is lost: {error}", status=410, param="compaction"
-            ) from error
-        self.handles[handle_id] = record
-        metrics.HANDLES.inc()
-        metrics.HANDLE_BYTES.inc(record.bytes)
-        return record
-
-    async def _check_expiry(self, record: HandleRecord) -> None:
-        """Free an expired handle; its manifest stays so that callers learn why (410)."""
-        if not record.expired():
-            return
-        handle_id = record.info.id
-        del self.handles[handle_id]
-        metrics.HANDLES.dec()
-        self.deleted[handle_id] = record.bytes
-        store.remove_tensors(self.store_root / handle_id)
-        await self._free_if_unused(handle_id)
-        raise _expired(record)
-
-    def list_handles(self, tenant: str, limit: int, after: str | None) -> CompactionList:
-        """The tenant's live handles (stored ones included), oldest first."""
-        mine = []
-        for folder in self.store_root.glob("cmp_*"):
-            try:
-                manifest = store.read_manifest(folder)
-            except store.CorruptHandle:
-                continue
-            if manifest is None:
-                continue
-            record = HandleRecord.from_json(manifest)
-            if record.tenant == tenant and not record.expired():
-                mine.append(record)
-        mine = [record.info for record in sorted(mine, key=lambda r: (r.created_ns, r.info.id))]
-        if after is not None:
-            ids = [info.id for info in mine]
-            if after not in ids:
-                raise CompactionError(f"no compaction {after!r}", status=404, param="after")
-            mine = mine[ids.index(after) + 1 :]
-        page = mine[:limit]
-        return CompactionList(
-            data=page,
-            first_id=page[0].id if page else None,
-            last_id=page[-1].id if page else None,
-            has_more=len(mine) > limit,
-        )
-
-    async def delete(self, handle_id: str, tenant: str) -> None:
-        record = await self.get(handle_id, tenant)
-        del self.handles[handle_id]
-        store.remove(self.store_root / handle_id)
-        self.deleted[handle_id] = record.bytes
-        metrics.HANDLES.dec()
-        await self._free_if_unused(handle_id)
-
-    def acquire(self, handle_id: str) -> None:
-        self.in_use[handle_id] += 1
-
-    async def release(self, handle_id: str) -> None:
-        self.in_use[handle_id] -= 1
-        await self._free_if_unused(handle_id)
-
-    async def _free_if_unused(self, handle_id: str) -> None:
-        if handle_id in self.deleted and self.in_use[handle_id] <= 0:
-            metrics.HANDLE_BYTES.dec(self.deleted.pop(handle_id))
-            del self.in_use[handle_id]
-            await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
 
     async def completion_prompt(
         self, handle_id: str, prompt: Any, tenant: str
     ) -> tuple[list[int], str, dict]:
         """Token prompt, cache salt and kv_transfer_params for a completion on a handle."""
-        record = await self.get(handle_id, tenant)
+        record = await self.registry.get(handle_id, tenant)
         if record.info.kind != "prompt":
             raise CompactionError(
                 f"{handle_id} was made from messages: use it with /v1/chat/completions",
@@ -355,7 +171,7 @@ class CompactionService:
         self, handle_id: str, request: Any, tenant: str
     ) -> tuple[list[int], str, dict]:
         """The same for a chat: the handle's messages, then the request's, templated once."""
-        record = await self.get(handle_id, tenant)
+        record = await self.registry.get(handle_id, tenant)
         if record.messages is None:
             raise CompactionError(
                 f"{handle_id} was made from a prompt: use it with /v1/completions",
@@ -380,7 +196,8 @@ class CompactionService:
                 f"context of {self.max_model_len}"
             )
         params = signed({"handle": handle_id, "slots": record.slots})
-        return [PLACEHOLDER_ID] * record.slots + ids, record.salt, params
+        salt = private_salt(f"{record.tenant}:{handle_id}")
+        return [PLACEHOLDER_ID] * record.slots + ids, salt, params
 
     async def _context_tokens(self, request: CompactRequest) -> tuple[list[int], list[list[int]]]:
         """The context's token ids and the template spans kept verbatim."""
@@ -439,13 +256,6 @@ class CompactionService:
     @staticmethod
     def _chat_request(model: str, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
         return ChatCompletionRequest(model=model, messages=messages, add_generation_prompt=False)
-
-
-def _expired(record: HandleRecord) -> CompactionError:
-    when = datetime.fromtimestamp(record.info.expires_at, UTC).isoformat()
-    return CompactionError(
-        f"compaction {record.info.id} expired at {when}", status=410, param="compaction"
-    )
 
 
 def _budget(request: CompactRequest, total: int) -> int:
