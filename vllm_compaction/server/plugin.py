@@ -8,10 +8,13 @@ from __future__ import annotations
 
 from argparse import Namespace
 from collections.abc import AsyncIterator, Awaitable, Callable
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 from vllm.entrypoints.openai.chat_completion.api_router import create_chat_completion
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.api_router import create_completion
@@ -30,14 +33,19 @@ router = APIRouter()
 
 
 def _error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
-    kind = {
-        400: "BadRequestError",
-        404: "NotFoundError",
-        410: "GoneError",
-        413: "RequestTooLargeError",
-    }.get(status, "InternalServerError")
+    kind = {400: "BadRequestError", 404: "NotFoundError", 410: "GoneError"}.get(
+        status, HTTPStatus(status).phrase.replace(" ", "") + "Error"
+    )
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return JSONResponse(body, status_code=status)
+
+
+async def _framework_error(raw: Request, error: HTTPException) -> Response:
+    """Refusals raised before any handler runs (a body that does not parse, a path no route
+    matches): OpenAI's shape on our routes, the framework's own answer everywhere else."""
+    if raw.url.path.startswith("/v1/compact"):
+        return _error(str(error.detail), error.status_code)
+    return await http_exception_handler(raw, error)
 
 
 def _refused(error: CompactionError) -> JSONResponse:
@@ -142,9 +150,16 @@ async def _serve(request: Any, raw: Request, endpoint: str, stock: Callable, pla
         if request.cache_salt is not None:  # a caller's salt can never equal a handle's
             request.cache_salt = f"user:{raw.state.tenant}:{request.cache_salt}"
         return await stock(request, raw)
-    # Prompt logprobs make vLLM skip cached and injected KV: they would read placeholders.
-    if request.prompt_logprobs is not None or request.echo:
-        return _error("'prompt_logprobs' and 'echo' are not available with 'compaction'")
+    # These re-read, cut or re-submit the prompt: they would reach the placeholder slots.
+    unavailable = {
+        "prompt_logprobs": request.prompt_logprobs is not None,
+        "echo": getattr(request, "echo", False),
+        "truncate_prompt_tokens": request.truncate_prompt_tokens is not None,
+        "use_beam_search": request.use_beam_search,
+    }
+    if any(unavailable.values()):
+        names = ", ".join(f"'{name}'" for name, used in unavailable.items() if used)
+        return _error(f"{names} not available with 'compaction'", param="compaction")
     try:
         handle_id = _handle_field(request)
     except CompactionError as error:
@@ -201,6 +216,8 @@ class CompactionEndpoints:
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(router)
         app.add_middleware(TenantMiddleware)
+        # vLLM shapes FastAPI's HTTPException; these are Starlette's own (its base class).
+        app.add_exception_handler(HTTPException, _framework_error)
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:
