@@ -25,13 +25,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Server(str):
+    """A served engine's base URL that can also kill the whole process group, as a crash would."""
+
+    process: subprocess.Popen
+
+    def kill(self) -> None:
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+
+
 @contextlib.contextmanager
 def served(
     args: list[str],
     log: Path,
     env: dict[str, str] | None = None,
     command: list[str] | None = None,
-) -> Iterator[str]:
+) -> Iterator[Server]:
     """Start `vllm-compaction serve ARGS` (or `command`), wait for /health, yield the base URL,
     stop it with SIGTERM."""
     port = free_port()
@@ -39,19 +49,25 @@ def served(
     cmd = [*(command or [str(cli), "serve", *args]), "--host", "127.0.0.1", "--port", str(port)]
     with log.open("w") as out:
         proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,  # its own process group: kill() reaches the engine too
         )
-    base = f"http://127.0.0.1:{port}"
+    base = Server(f"http://127.0.0.1:{port}")
+    base.process = proc
     try:
         _wait_healthy(proc, base, log)
         yield base
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def _wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> None:
