@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import threading
+import time
 import types
 
 import pytest
@@ -70,8 +72,10 @@ def _compact(llm, key: str, context: list[int], budget: int) -> int:
     T = len(context)
     capture = {"capture": key, "context_len": T, "query_start": 0, "query_end": T}
     _run(llm, context, _params(max_tokens=1, extra_args=_transfer(capture)), salt=f"{key}-capture")
-    reply = llm.collective_rpc("compaction_compact", args=(key, {"budget": budget, "causal": True}))
-    return reply[0]["slots"]
+    llm.collective_rpc("compaction_compact", args=(key, {"budget": budget, "causal": True}))
+    while not all(llm.collective_rpc("compaction_ready", args=(key,))):
+        time.sleep(0.01)
+    return llm.collective_rpc("compaction_finish", args=(key,))[0]["slots"]
 
 
 def _transfer(params: dict) -> dict:
@@ -198,6 +202,32 @@ def test_cached_handle_blocks_without_the_handle_fail_rather_than_lose_beta(llm,
     llm.collective_rpc("compaction_delete", args=("cmp_spilled",))  # as a spill does
     stale = _use(llm, "cmp_spilled", slots, suffix)
     assert stale.outputs[0].finish_reason == "error" and not stale.outputs[0].token_ids
+
+
+def test_the_engine_serves_other_requests_while_a_compaction_runs(llm, texts, monkeypatch):
+    from vllm_compaction.engine import worker
+
+    context, suffix = texts
+    T = len(context)
+    capture = {"capture": "cmp_slow", "context_len": T, "query_start": 0, "query_end": T}
+    _run(llm, context, _params(max_tokens=1, extra_args=_transfer(capture)), salt="slow")
+    release, compact_cache = threading.Event(), worker.compact_cache
+
+    def held_back(*args, **kwargs):
+        assert release.wait(timeout=120)
+        return compact_cache(*args, **kwargs)
+
+    # The in-process engine runs the worker here: hold its compaction until we let it go.
+    monkeypatch.setattr(worker, "compact_cache", held_back)
+    llm.collective_rpc("compaction_compact", args=("cmp_slow", {"budget": T // 10}))
+    plain = _run(llm, context[:50] + suffix, _params())
+    assert len(plain.outputs[0].token_ids) == GENERATED  # served while the compaction waits
+    assert llm.collective_rpc("compaction_ready", args=("cmp_slow",)) == [False]
+    release.set()
+    while not all(llm.collective_rpc("compaction_ready", args=("cmp_slow",))):
+        time.sleep(0.01)
+    slots = llm.collective_rpc("compaction_finish", args=("cmp_slow",))[0]["slots"]
+    assert _use(llm, "cmp_slow", slots, suffix).outputs[0].token_ids
 
 
 def test_reclaimed_blocks_are_refilled_from_the_host_copy(llm, texts):

@@ -7,6 +7,7 @@ process and meet here. Requests say what they are through their signed parameter
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,7 @@ class WorkerState:
         self.runner: Any = None  # the model runner, bound once by the worker extension
         self.handles: dict[str, Handle] = {}
         self.captures: dict[str, Capture] = {}
+        self.jobs: dict[str, Future[tuple[Handle, dict[str, Any]]]] = {}  # compactions running
         self.failed_blocks: set[int] = set()  # the connector reports them; the engine fails
         self._rows: list[Row] | None = None
 

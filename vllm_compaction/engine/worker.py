@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,9 @@ from vllm_compaction.core import compact_cache
 from vllm_compaction.engine.rope import shift_positions
 from vllm_compaction.engine.state import STATE, Capture, Handle
 
+# One compaction at a time per worker: each already uses every core torch gives it.
+_JOBS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="compaction")
+
 
 class CompactionWorkerExtension:
     """Mixed into vLLM's worker class; may only add methods (vLLM asserts on overrides)."""
@@ -22,44 +26,31 @@ class CompactionWorkerExtension:
         """Let the attention backend find this worker's batch (request ids in row order)."""
         STATE.runner = self.model_runner
 
-    def compaction_compact(self, key: str, options: dict[str, Any]) -> dict[str, Any]:
-        """Compact the rows captured under `key` into handle `key`.
+    def compaction_compact(self, key: str, options: dict[str, Any]) -> None:
+        """Start compacting the rows captured under `key` into handle `key`, in the background:
+        the engine keeps stepping meanwhile. Poll `compaction_ready`, then `compaction_finish`.
 
         options: budget (kept rows per head, verbatim included), keep_first, protected
         ([start, end) spans kept verbatim), method, causal (queries see only earlier keys).
         """
-        began = time.perf_counter()
         capture = STATE.captures.pop(key, None)
         if capture is None or not capture.chunks:
             raise RuntimeError(
                 "no rows were recorded for this context: the compaction attention backend runs "
                 "on CPU platforms only so far"
             )
-        keys, values, queries, positions = _stack(capture)
-        compacted = compact_cache(
-            keys,
-            values,
-            queries,
-            budget=options["budget"],
-            query_positions=positions if options.get("causal") else None,
-            keep_first=options.get("keep_first", 4),
-            protected=[tuple(span) for span in options.get("protected", [])],
-            method=options.get("method", "am-highest"),
-        )
         block_size = self.vllm_config.cache_config.block_size
-        slots = math.ceil(options["budget"] / block_size) * block_size
         rotary = _rotary(self.model_runner)
-        delta = slots - capture.context_len
-        dtype = keys[0].dtype
-        handle = Handle(keys=[], values=[], bias=[])
-        for layer in compacted:
-            pad = slots - layer.keys.shape[1]
-            handle.keys.append(_pad(shift_positions(layer.keys, delta, rotary).to(dtype), pad))
-            handle.values.append(_pad(layer.values.to(dtype), pad))
-            handle.bias.append(_pad(layer.bias.float(), pad, -math.inf))
+        STATE.jobs[key] = _JOBS.submit(_compacted_handle, capture, options, block_size, rotary)
+
+    def compaction_ready(self, key: str) -> bool:
+        return STATE.jobs[key].done()
+
+    def compaction_finish(self, key: str) -> dict[str, Any]:
+        """Install the finished handle (or raise the compaction's error)."""
+        handle, reply = STATE.jobs.pop(key).result()
         STATE.handles[key] = handle
-        size = sum(t.nbytes for part in (handle.keys, handle.values, handle.bias) for t in part)
-        return {"slots": slots, "bytes": size, "compact_s": time.perf_counter() - began}
+        return reply
 
     def compaction_save(self, key: str, folder: str) -> dict[str, str]:
         """Write this worker's part of handle `key` into `folder`; returns its file and sha256."""
@@ -78,9 +69,40 @@ class CompactionWorkerExtension:
         STATE.handles[key] = handle
 
     def compaction_delete(self, key: str) -> bool:
-        """Free a handle, or the rows of a capture that will not be compacted."""
+        """Free a handle, or the rows of a capture or compaction that will not be used."""
         STATE.captures.pop(key, None)
+        STATE.jobs.pop(key, None)  # a running one finishes unseen
         return STATE.handles.pop(key, None) is not None
+
+
+def _compacted_handle(
+    capture: Capture, options: dict[str, Any], block_size: int, rotary: Any
+) -> tuple[Handle, dict[str, Any]]:
+    """Compact every layer, re-rotate the keys to the handle's slot positions and pad them to
+    whole blocks (padding bias -inf)."""
+    began = time.perf_counter()
+    keys, values, queries, positions = _stack(capture)
+    compacted = compact_cache(
+        keys,
+        values,
+        queries,
+        budget=options["budget"],
+        query_positions=positions if options.get("causal") else None,
+        keep_first=options.get("keep_first", 4),
+        protected=[tuple(span) for span in options.get("protected", [])],
+        method=options.get("method", "am-highest"),
+    )
+    slots = math.ceil(options["budget"] / block_size) * block_size
+    delta = slots - capture.context_len
+    dtype = keys[0].dtype
+    handle = Handle(keys=[], values=[], bias=[])
+    for layer in compacted:
+        pad = slots - layer.keys.shape[1]
+        handle.keys.append(_pad(shift_positions(layer.keys, delta, rotary).to(dtype), pad))
+        handle.values.append(_pad(layer.values.to(dtype), pad))
+        handle.bias.append(_pad(layer.bias.float(), pad, -math.inf))
+    size = sum(t.nbytes for part in (handle.keys, handle.values, handle.bias) for t in part)
+    return handle, {"slots": slots, "bytes": size, "compact_s": time.perf_counter() - began}
 
 
 def _stack(capture: Capture) -> tuple[list, list, list, list]:

@@ -7,6 +7,7 @@ handles (and no plain request) ever share a block.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 import uuid
@@ -30,6 +31,7 @@ from vllm_compaction.server.protocol import (
 from vllm_compaction.server.registry import HandleRecord, HandleRegistry, new_handle_id
 from vllm_compaction.templates import verbatim_spans
 
+POLL_S = 0.05  # how often the server asks the workers whether a compaction finished
 PLACEHOLDER_ID = 0  # any valid id: the engine never computes these positions
 REPEAT_INSTRUCTION = "Repeat the previous context exactly, word for word."
 
@@ -107,9 +109,11 @@ class CompactionService:
             async for _ in self.engine.generate(prompt, params, f"compact-{uuid.uuid4().hex}"):
                 pass
             prefilled = time.perf_counter()
-            replies = await self.engine.collective_rpc(
-                "compaction_compact", args=(handle_id, options)
-            )
+            await self.engine.collective_rpc("compaction_compact", args=(handle_id, options))
+            # The workers compact in a thread: the engine serves other requests meanwhile.
+            while not all(await self.engine.collective_rpc("compaction_ready", args=(handle_id,))):
+                await asyncio.sleep(POLL_S)
+            replies = await self.engine.collective_rpc("compaction_finish", args=(handle_id,))
         except BaseException as error:
             # Cancelled (client gone) or failed: drop the recorded rows on the workers.
             await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
