@@ -12,6 +12,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -68,6 +69,38 @@ def served(
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+
+TINY = "tiny"  # served name of the tiny random test model
+# A handle of 60 target tokens on it: 64 slots x 4 layers x 2 KV heads x (64 + 64 fp32 dims +
+# 1 fp32 bias) x 4 bytes.
+TINY_HANDLE_BYTES = 64 * 4 * 2 * 129 * 4
+RESIDENT = ("vllm_compaction:handle_bytes", ())  # metrics() keys of the store's gauges
+ON_DISK = ("vllm_compaction:store_disk_bytes", ())
+
+
+def served_tiny(
+    model_dir: Path, folder: Path, *flags: str, log: str = "server.log", **env: str
+) -> contextlib.AbstractContextManager[Server]:
+    """The tiny test model (fp32, blocks of 32, 2048 positions) served with extra `flags`;
+    its handles live in folder/handles, its log is folder/`log`."""
+    args = [str(model_dir), "--served-model-name", TINY, "--dtype", "float32"]
+    args += ["--block-size", "32", "--max-model-len", "2048", *flags]
+    env = {"VLLM_COMPACTION_HANDLES_DIR": str(folder / "handles"), **env}
+    return served(args, folder / log, env=env)
+
+
+def continuation(client: Any, handle_id: str) -> tuple[str, list[float]]:
+    """Greedy text and token logprobs of a short completion on a handle (an `openai` client)."""
+    out = client.completions.create(
+        model=TINY,
+        prompt=" In short,",
+        max_tokens=6,
+        temperature=0,
+        logprobs=1,
+        extra_body={"compaction": handle_id},
+    )
+    return out.choices[0].text, out.choices[0].logprobs.token_logprobs
 
 
 def _wait_healthy(proc: subprocess.Popen, base: str, log: Path) -> None:

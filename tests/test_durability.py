@@ -8,38 +8,19 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.server import served
+from tests.server import TINY as MODEL
+from tests.server import continuation, served_tiny
 from vllm_compaction import documents, store
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny"
 
 
-def _serve(tiny_llama_dir, handles, log):
-    args = [str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32"]
-    args += ["--block-size", "32", "--max-model-len", "2048"]
-    return served(args, log, env={"VLLM_COMPACTION_HANDLES_DIR": str(handles)})
-
-
-def _continue(base: str, handle_id: str) -> httpx.Response:
-    body = {
-        "model": MODEL,
-        "prompt": " In short,",
-        "max_tokens": 6,
-        "temperature": 0,
-        "logprobs": 1,
-        "compaction": handle_id,
-    }
-    return httpx.post(f"{base}/v1/completions", json=body, timeout=120)
-
-
-def _answer(response: httpx.Response) -> tuple[str, list[float]]:
-    assert response.status_code == 200, response.text
-    choice = response.json()["choices"][0]
-    return choice["text"], choice["logprobs"]["token_logprobs"]
+def _client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0)
 
 
 def test_handles_answered_200_survive_sigkill(tiny_llama_dir, tmp_path):
@@ -51,7 +32,7 @@ def test_handles_answered_200_survive_sigkill(tiny_llama_dir, tmp_path):
         )
         for a in articles
     ]
-    handles = tmp_path / "handles"
+    handles = tmp_path / "handles"  # where served_tiny keeps them
     answered: dict[str, tuple[str, list[float]] | None] = {}  # id -> answer before the crash
     in_flight = threading.Event()
 
@@ -66,11 +47,11 @@ def test_handles_answered_200_survive_sigkill(tiny_llama_dir, tmp_path):
                 assert made.status_code == 200, made.text
                 handle_id = made.json()["id"]
                 answered[handle_id] = None
-                answered[handle_id] = _answer(_continue(base, handle_id))
-            except httpx.TransportError:
+                answered[handle_id] = continuation(_client(base), handle_id)
+            except (httpx.TransportError, openai.APIConnectionError):
                 return
 
-    with _serve(tiny_llama_dir, handles, tmp_path / "first.log") as base:
+    with served_tiny(tiny_llama_dir, tmp_path, log="first.log") as base:
         client = threading.Thread(target=compact_forever, args=(base,))
         client.start()
         deadline = time.monotonic() + 120
@@ -84,9 +65,9 @@ def test_handles_answered_200_survive_sigkill(tiny_llama_dir, tmp_path):
         client.join()
     assert len(answered) >= 3
 
-    with _serve(tiny_llama_dir, handles, tmp_path / "second.log") as base:
+    with served_tiny(tiny_llama_dir, tmp_path, log="second.log") as base:
         for handle_id, before in answered.items():
-            after = _answer(_continue(base, handle_id))
+            after = continuation(_client(base), handle_id)
             if before is not None:
                 assert after == before, handle_id
         # Every folder left is a complete handle: interrupted writes were removed at start-up.
@@ -95,7 +76,7 @@ def test_handles_answered_200_survive_sigkill(tiny_llama_dir, tmp_path):
         # And after an idle crash too.
         base.kill()
 
-    with _serve(tiny_llama_dir, handles, tmp_path / "third.log") as base:
+    with served_tiny(tiny_llama_dir, tmp_path, log="third.log") as base:
         for handle_id, before in answered.items():
             if before is not None:
-                assert _answer(_continue(base, handle_id)) == before
+                assert continuation(_client(base), handle_id) == before

@@ -21,11 +21,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
-from tests.server import served
+from tests.server import TINY as MODEL
+from tests.server import served_tiny
 from vllm_compaction.core import METHODS
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny"
 MAX_TOKENS = 4
 # Test order: DELETE comes last so that the live handles serve the other routes first.
 OPERATIONS = [
@@ -58,11 +58,8 @@ EXAMPLES = 200  # per route and method: ~30 s of requests beside a ~40 s server 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    args = [str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32"]
-    args += ["--block-size", "32", "--max-model-len", "2048", "--max-num-batched-tokens", "128"]
-    handles = {"VLLM_COMPACTION_HANDLES_DIR": str(tmp_path_factory.mktemp("handles"))}
-    with served(args, log, env=handles) as base:
+    folder = tmp_path_factory.mktemp("server")
+    with served_tiny(tiny_llama_dir, folder, "--max-num-batched-tokens", "128") as base:
         yield base
 
 

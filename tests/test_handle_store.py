@@ -10,23 +10,18 @@ import openai
 import pytest
 from transformers import AutoTokenizer
 
-from tests.server import metrics, served
+from tests.server import (
+    ON_DISK,
+    RESIDENT,
+    TINY_HANDLE_BYTES,
+    continuation,
+    metrics,
+    served_tiny,
+)
+from tests.server import TINY as MODEL
 from vllm_compaction import documents, portable
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny"
-RESIDENT = ("vllm_compaction:handle_bytes", ())
-# One handle of 60 target tokens on the tiny model: 64 slots x 4 layers x 2 KV heads x
-# (64 + 64 fp32 dims + 1 fp32 bias) x 4 bytes.
-HANDLE_BYTES = 64 * 4 * 2 * 129 * 4
-ON_DISK = ("vllm_compaction:store_disk_bytes", ())
-
-
-def _serve(tiny_llama_dir, folder, **env):
-    args = [str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32"]
-    args += ["--block-size", "32", "--max-model-len", "2048"]
-    env = {"VLLM_COMPACTION_HANDLES_DIR": str(folder / "handles"), **env}
-    return served(args, folder / "server.log", env=env)
 
 
 def _counter(base: str, name: str, **labels) -> float:
@@ -48,18 +43,6 @@ def _compact(client, text: str) -> dict:
     return client.post("/compact", body=body, cast_to=object)
 
 
-def _continue(client, handle_id: str):
-    out = client.completions.create(
-        model=MODEL,
-        prompt=" In short,",
-        max_tokens=6,
-        temperature=0,
-        logprobs=1,
-        extra_body={"compaction": handle_id},
-    )
-    return out.choices[0].text, out.choices[0].logprobs.token_logprobs
-
-
 def _import(base: str, blob: bytes) -> httpx.Response:
     return httpx.post(f"{base}/v1/compactions", content=blob, timeout=60)
 
@@ -67,17 +50,17 @@ def _import(base: str, blob: bytes) -> httpx.Response:
 @pytest.fixture(scope="module")
 def spilling(tiny_llama_dir, tmp_path_factory):
     """A server whose memory budget holds one handle: every new one spills the last."""
-    budget = {"VLLM_COMPACTION_MEMORY_BYTES": str(HANDLE_BYTES * 3 // 2)}
-    with _serve(tiny_llama_dir, tmp_path_factory.mktemp("spill"), **budget) as base:
+    budget = {"VLLM_COMPACTION_MEMORY_BYTES": str(TINY_HANDLE_BYTES * 3 // 2)}
+    with served_tiny(tiny_llama_dir, tmp_path_factory.mktemp("spill"), **budget) as base:
         yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
 
 
 def test_memory_budget_spills_least_recently_used_and_reloads_identically(spilling, texts):
     base, client = spilling
     first = _compact(client, texts[0])
-    before = _continue(client, first["id"])
+    before = continuation(client, first["id"])
     one = metrics(base)[RESIDENT]
-    assert one == HANDLE_BYTES
+    assert one == TINY_HANDLE_BYTES
     spilled = _counter(base, "store_evictions_total", budget="memory")
     for text in texts[1:]:
         _compact(client, text)
@@ -85,11 +68,11 @@ def test_memory_budget_spills_least_recently_used_and_reloads_identically(spilli
     assert metrics(base)[RESIDENT] == one  # only the newest stays with the workers
 
     loads = _counter(base, "store_hits_total", tier="disk")
-    assert _continue(client, first["id"]) == before  # reloaded from disk, identical logprobs
+    assert continuation(client, first["id"]) == before  # reloaded from disk, identical logprobs
     assert _counter(base, "store_hits_total", tier="disk") == loads + 1
     assert metrics(base)[RESIDENT] == one
     hits = _counter(base, "store_hits_total", tier="memory")
-    _continue(client, first["id"])
+    continuation(client, first["id"])
     assert _counter(base, "store_hits_total", tier="memory") == hits + 1
 
 
@@ -99,7 +82,7 @@ def exported(spilling, texts) -> tuple[dict, bytes, tuple]:
     handle = _compact(client, texts[0])
     response = httpx.get(f"{base}/v1/compactions/{handle['id']}/content")
     assert response.status_code == 200
-    return handle, response.content, _continue(client, handle["id"])
+    return handle, response.content, continuation(client, handle["id"])
 
 
 def test_an_exported_handle_imports_as_a_new_one_with_identical_logprobs(spilling, exported):
@@ -112,7 +95,7 @@ def test_an_exported_handle_imports_as_a_new_one_with_identical_logprobs(spillin
     assert imported["id"] != handle["id"] and imported["id"].startswith("cmp_")
     for field in ("original_tokens", "compacted_tokens", "expires_at", "method", "queries"):
         assert imported[field] == handle[field]
-    assert _continue(client, imported["id"]) == expected
+    assert continuation(client, imported["id"]) == expected
     listed = client.get("/compactions", options={"params": {"limit": 100}}, cast_to=object)
     assert imported["id"] in [h["id"] for h in listed["data"]]
 
@@ -136,7 +119,7 @@ def test_altered_foreign_and_garbage_blobs_are_refused_and_the_server_goes_on(sp
         assert response.status_code == 400, (message, response.text)
         assert message in response.json()["error"]["message"]
     assert httpx.get(f"{base}/v1/compactions/cmp_nope/content").status_code == 404
-    assert _continue(client, handle["id"]) == expected
+    assert continuation(client, handle["id"]) == expected
 
 
 def test_disk_budget_evicts_the_oldest_and_sealed_blobs_round_trip(
@@ -146,7 +129,7 @@ def test_disk_budget_evicts_the_oldest_and_sealed_blobs_round_trip(
     key.write_text("a secret of more than sixteen bytes")
     budget = int(_handle_size(spilling, texts) * 2.5)  # room for two of the three
     env = {"VLLM_COMPACTION_DISK_BYTES": str(budget), "VLLM_COMPACTION_SEAL_KEY_FILE": str(key)}
-    with _serve(tiny_llama_dir, tmp_path, **env) as base:
+    with served_tiny(tiny_llama_dir, tmp_path, **env) as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
         made = [_compact(client, text) for text in texts]
         assert _counter(base, "store_evictions_total", budget="disk") == 1
@@ -154,13 +137,13 @@ def test_disk_budget_evicts_the_oldest_and_sealed_blobs_round_trip(
         gone = httpx.get(f"{base}/v1/compactions/{made[0]['id']}")
         assert gone.status_code == 410 and "evicted" in gone.json()["error"]["message"]
         assert not list((tmp_path / "handles" / made[0]["id"]).glob("*.safetensors"))
-        newest = _continue(client, made[2]["id"])
+        newest = continuation(client, made[2]["id"])
 
         sealed = httpx.get(f"{base}/v1/compactions/{made[2]['id']}/content").content
         assert sealed.startswith(portable.SEALED)
         response = _import(base, sealed)
         assert response.status_code == 200, response.text
-        assert _continue(client, response.json()["id"]) == newest
+        assert continuation(client, response.json()["id"]) == newest
         tampered = bytearray(sealed)
         tampered[len(sealed) // 2] ^= 1
         for bad, message in ((bytes(tampered), "altered"), (exported[1], "only blobs sealed")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import pytest
 from safetensors import safe_open
@@ -75,3 +76,28 @@ def test_serve_command_defaults_and_passthrough(smollm2_dir):
     # User flags come after the defaults, so vLLM's parser lets them win.
     assert cmd[-4:] == ["--max-model-len", "2048", "--kv-cache-memory-bytes", "1000"]
     assert cmd.index("--enforce-eager") < cmd.index("--max-model-len")
+
+
+def test_serve_takes_our_own_flags_out_of_vllms_and_refuses_bad_ones(
+    smollm2_dir, tmp_path, monkeypatch
+):
+    launched = {}
+    monkeypatch.setattr(os, "execve", lambda path, cmd, env: launched.update(cmd=cmd, env=env))
+    key = tmp_path / "seal.key"
+    key.write_text("sixteen or more secret bytes")
+    main(["serve", "--handle-memory-bytes", "123", "--seal-key-file", str(key), "--port", "9"])
+    assert (
+        "--handle-memory-bytes" not in launched["cmd"] and "--seal-key-file" not in launched["cmd"]
+    )
+    assert launched["cmd"][-2:] == ["--port", "9"]
+    assert launched["env"]["VLLM_COMPACTION_MEMORY_BYTES"] == "123"
+    assert launched["env"]["VLLM_COMPACTION_SEAL_KEY_FILE"] == str(key.resolve())
+    assert "VLLM_COMPACTION_MEMORY_BYTES" not in os.environ
+
+    for flags, message in (
+        (["--handle-disk-bytes", "20GB"], "--handle-disk-bytes must be a number of bytes"),
+        (["--seal-key-file", str(tmp_path / "none")], "cannot read the seal key file"),
+        (["--handle-memory-bytes"], "--handle-memory-bytes needs a value"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            main(["serve", *flags])

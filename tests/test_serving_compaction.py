@@ -10,21 +10,18 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.compare import assert_same_greedy
-from tests.server import metrics, served
+from tests.server import TINY as MODEL
+from tests.server import metrics, served_tiny
 from vllm_compaction import documents
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
 def server(tiny_llama_dir, tmp_path_factory):
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    args = [str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32"]
+    folder = tmp_path_factory.mktemp("server")
     # Small prefill chunks: captures and handle requests span several engine steps.
-    args += ["--block-size", "32", "--max-model-len", "2048", "--max-num-batched-tokens", "128"]
-    handles = {"VLLM_COMPACTION_HANDLES_DIR": str(tmp_path_factory.mktemp("handles"))}
-    with served(args, log, env=handles) as base:
+    with served_tiny(tiny_llama_dir, folder, "--max-num-batched-tokens", "128") as base:
         yield base
 
 

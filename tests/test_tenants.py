@@ -8,10 +8,10 @@ import time
 import httpx
 import pytest
 
-from tests.server import served
+from tests.server import TINY as MODEL
+from tests.server import served_tiny
 
 pytestmark = pytest.mark.slow
-MODEL = "tiny"
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 TEXT = "The Normans were the people who gave their name to Normandy in France. " * 8
 
@@ -21,10 +21,8 @@ def server(tiny_llama_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tenants")
     keys = folder / "keys.json"
     keys.write_text(json.dumps(KEYS))
-    args = [str(tiny_llama_dir), "--served-model-name", MODEL, "--dtype", "float32"]
-    args += ["--block-size", "32", "--api-keys-file", str(keys), "--enable-prompt-tokens-details"]
-    env = {"VLLM_COMPACTION_HANDLES_DIR": str(folder / "handles")}
-    with served(args, folder / "server.log", env=env) as base:
+    flags = ["--api-keys-file", str(keys), "--enable-prompt-tokens-details"]
+    with served_tiny(tiny_llama_dir, folder, *flags) as base:
         yield base
 
 

@@ -40,6 +40,7 @@ OWN_OPTIONS = {
     "--seal-key-file": portable.SEAL_KEY_ENV,
 }
 FILE_OPTIONS = {"--api-keys-file", "--handles-dir", "--seal-key-file"}
+BYTES_OPTIONS = {"--handle-memory-bytes", "--handle-disk-bytes"}
 
 
 def serve_command(argv: list[str]) -> list[str]:
@@ -58,14 +59,16 @@ def _serve(argv: list[str]) -> None:
     env = {**SERVE_ENV, **os.environ}
     for option, variable in OWN_OPTIONS.items():
         argv, value = _take_option(argv, option)
-        if value is not None:
-            env[variable] = str(Path(value).resolve()) if option in FILE_OPTIONS else value
+        if value is None:
+            continue
+        if option in BYTES_OPTIONS and not value.isdigit():
+            raise ValueError(f"{option} must be a number of bytes, got {value!r}")
+        env[variable] = str(Path(value).resolve()) if option in FILE_OPTIONS else value
     # Refuse bad settings before starting the engine.
     if tenants.KEYS_FILE_ENV in env:
         tenants.read_keys(Path(env[tenants.KEYS_FILE_ENV]))
-    os.environ.update(env)
-    registry.Limits.from_env()
-    portable.seal_key()
+    registry.Limits.from_env(env)
+    portable.seal_key(env)
     cmd = serve_command(argv)
     logging.getLogger(__name__).info("starting: %s", " ".join(cmd))
     # exec: signals (SIGTERM from a supervisor, Ctrl-C) reach vLLM directly.

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,9 @@ class BadBlob(ValueError):
     """A blob that is not a handle export, was altered, or is sealed with another key."""
 
 
-def seal_key() -> bytes | None:
+def seal_key(env: Mapping[str, str] = os.environ) -> bytes | None:
     """The AES key derived from the file VLLM_COMPACTION_SEAL_KEY_FILE names (any secret)."""
-    path = os.environ.get(SEAL_KEY_ENV)
+    path = env.get(SEAL_KEY_ENV)
     if not path:
         return None
     try:

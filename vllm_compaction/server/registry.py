@@ -15,6 +15,7 @@ import os
 import secrets
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,11 +44,11 @@ class Limits:
     disk_bytes: int = DEFAULT_DISK_BYTES  # the store's tensor files
 
     @classmethod
-    def from_env(cls) -> Limits:
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Limits:
         """The budgets from the environment; ValueError naming the variable if malformed."""
         values = []
         for name, default in ((MEMORY_ENV, DEFAULT_MEMORY_BYTES), (DISK_ENV, DEFAULT_DISK_BYTES)):
-            value = os.environ.get(name, str(default))
+            value = env.get(name, str(default))
             if not value.isdigit():
                 raise ValueError(f"{name} must be a number of bytes, got {value!r}")
             values.append(int(value))
@@ -156,9 +157,14 @@ class HandleRegistry:
                 "compaction_load", args=(handle_id, str(folder), manifest["files"])
             )
         except Exception as error:  # corrupt, truncated or foreign: lost, never wrong KV
+            if self.stored.get(handle_id) is not record:  # deleted or evicted meanwhile
+                self.owned(handle_id, tenant)
             why = f"is lost: {error}"
             self._bury(record, why)
             raise CompactionError(f"compaction {handle_id} {why}", 410, "compaction") from error
+        if self.stored.get(handle_id) is not record:  # deleted or evicted during the load
+            await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
+            self.owned(handle_id, tenant)
         metrics.STORE_HITS.labels("disk").inc()
         self._hold(handle_id, record.bytes)
         await self._spill(keep=handle_id)
@@ -312,7 +318,8 @@ class HandleRegistry:
                 return
             if handle_id == keep or self.in_use[handle_id] or handle_id in self.unwanted:
                 continue
-            del self.resident[handle_id]
+            if self.resident.pop(handle_id, None) is None:  # a concurrent spill took it
+                continue
             metrics.STORE_EVICTIONS.labels("memory").inc()
             self._sync_gauges()
             await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
