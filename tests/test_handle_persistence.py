@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 
@@ -24,6 +26,12 @@ def test_handles_reload_after_restart_and_altered_ones_are_lost(tiny_llama_dir, 
         "manifest.json",
         "rank0.safetensors",
     ]
+    manifest = json.loads((handles / kept["id"] / "manifest.json").read_text())
+    facts = {"layers": 4, "kv_heads": 2, "head_dim": 64, "dtype": "float32", "model": MODEL}
+    assert facts.items() <= manifest["model_facts"].items()
+    assert manifest["model_facts"]["rope"]["rope_theta"] == 10000.0
+    assert manifest["rope_shift"] == manifest["slots"] - kept["original_tokens"]
+    assert manifest["tenant"] and manifest["info"]["expires_at"] == kept["expires_at"]
     tensors = handles / altered["id"] / "rank0.safetensors"
     data = bytearray(tensors.read_bytes())
     data[-5] ^= 0xFF

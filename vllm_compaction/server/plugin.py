@@ -6,6 +6,7 @@ without a `compaction` field to vLLM's own handlers untouched.
 
 from __future__ import annotations
 
+import json
 from argparse import Namespace
 from collections.abc import AsyncIterator, Awaitable, Callable
 from http import HTTPStatus
@@ -209,6 +210,21 @@ def _handle_field(request: Any) -> str:
     return value
 
 
+def _model_facts(model_config: Any) -> dict[str, Any]:
+    """What a stored handle's tensors depend on, written into its manifest for people to read
+    (loading checks the weights' fingerprint and the tensors themselves)."""
+    text = model_config.hf_text_config
+    rope = getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None)
+    return {
+        "model": model_config.served_model_name,
+        "layers": text.num_hidden_layers,
+        "kv_heads": model_config.get_total_num_kv_heads(),
+        "head_dim": model_config.get_head_size(),
+        "dtype": str(model_config.dtype).removeprefix("torch."),
+        "rope": json.loads(json.dumps(rope, default=str)),
+    }
+
+
 class CompactionEndpoints:
     name = "compaction"
     required_tasks = ("generate",)
@@ -231,6 +247,7 @@ class CompactionEndpoints:
             Limits.from_env(),
             workers=len(workers),
             seal_key=portable.seal_key(),
+            model_facts=_model_facts(model_config),
         )
         state.compaction = CompactionService(
             engine_client, state.openai_serving_chat, model_config.max_model_len, registry

@@ -104,6 +104,7 @@ class HandleRegistry:
         limits: Limits,
         workers: int,
         seal_key: bytes | None = None,
+        model_facts: dict[str, Any] | None = None,
     ) -> None:
         self.engine = engine
         self.root = root
@@ -111,6 +112,7 @@ class HandleRegistry:
         self.limits = limits
         self.workers = workers
         self.seal_key = seal_key
+        self.model_facts = model_facts or {}
         self.stored: dict[str, HandleRecord] = {}  # every live handle (all are on disk)
         self.resident: OrderedDict[str, int] = OrderedDict()  # held by workers, LRU first
         self.gone: dict[str, tuple[str, str]] = {}  # id -> (tenant, why), for the owner's 410
@@ -288,7 +290,14 @@ class HandleRegistry:
         """The manifest goes last: a folder without one was never completed."""
         folder = self.root / record.info.id
         record.disk_bytes = sum((folder / f["file"]).stat().st_size for f in files)
-        manifest = {"fingerprint": self.fingerprint, "files": files, **record.to_json()}
+        manifest = {
+            "fingerprint": self.fingerprint,
+            "model_facts": self.model_facts,
+            # Keys carry the rotation of their slot: original position + (slots - T).
+            "rope_shift": record.slots - record.info.original_tokens,
+            "files": files,
+            **record.to_json(),
+        }
         await asyncio.to_thread(store.write_manifest, folder, manifest)
 
     async def _register(self, record: HandleRecord) -> None:
