@@ -7,8 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from .attention import exp_shifted_, safe_reciprocal
-from .indexing import gather_columns, gather_rows
+from .attention import exp_, exp_shifted_, safe_reciprocal
+from .indexing import gather_rows
 from .linalg import ridge_solve, top_eigenvalue
 from .problem import Problem
 
@@ -45,9 +45,9 @@ def solve_mass(
     [exp(beta_min), exp(beta_max)] and runs ``steps`` projected-gradient steps (step 1/L,
     L = top eigenvalue of M^T M). Returns w [H, t] (1 on padding slots).
     """
-    rhs = torch.bmm(design.transpose(1, 2), residual[..., None])
-    delta = ridge_solve(gram, rhs, lengths, ridge).squeeze(-1)
-    rhs = rhs.squeeze(-1)
+    # M^T r as r^T M: reads M row by row, many times faster than through its transpose.
+    rhs = torch.bmm(residual[:, None, :], design).squeeze(1)
+    delta = ridge_solve(gram, rhs[..., None], lengths, ridge).squeeze(-1)
     lo, hi = math.exp(beta_min), math.exp(beta_max)
     w = (1.0 + delta).clamp(lo, hi)
     step = safe_reciprocal(top_eigenvalue(gram))[:, None]
@@ -61,6 +61,7 @@ def solve_mass(
 def fit_beta(
     problem: Problem,
     indices: Tensor,
+    selected: Tensor,
     *,
     weighting: float,
     beta_min: float,
@@ -70,11 +71,13 @@ def fit_beta(
 ) -> Tensor:
     """Mass correction beta [H, t] for the kept keys ``indices`` [H, t] (-1 = padding, beta 0).
 
-    The correction is added on top of any bias the keys already carry.
+    selected: [H, n, t] logits of the kept keys, ``problem.logits(indices)`` (-inf on
+    padding). The correction is added on top of any bias the keys already carry.
     """
     u = mass_rows(problem, weighting)[0]
-    design = gather_columns(problem.weights, indices)
-    # Unweighted first: with every key kept the residual is then exactly zero.
+    # The kept columns of E (0 on padding), formed from their logits, not kept from the pass.
+    design = exp_(selected - problem.shift[..., None])
+    # Unweighted first: with every key kept the residual is then (up to rounding) zero.
     residual = u * (problem.mass - design.sum(dim=-1))
     design.mul_(u[..., None])
     gram = torch.bmm(design.transpose(1, 2), design)
@@ -92,22 +95,23 @@ def fit_beta(
     return w.log_().masked_fill_(indices < 0, 0.0)
 
 
-def fit_values(problem: Problem, indices: Tensor, beta: Tensor, *, ridge: float) -> Tensor:
+def fit_values(
+    problem: Problem, indices: Tensor, selected: Tensor, beta: Tensor, *, ridge: float
+) -> Tensor:
     """Compact values C2 [H, t, d_v] (fp32) matching softmax(S) V on the reference queries.
 
-    indices: [H, t] kept keys (-1 = padding); beta: [H, t] mass correction on top of the
-    keys' existing bias. Design X = softmax over the compact keys only, causally masked by
-    their original positions; queries that see no compact key are dropped. Fits the
-    deviation from the original values with a relative ridge, C2 = V_sel + D, because an
-    unregularised fit can blow values up and hurt unseen queries.
+    indices: [H, t] kept keys (-1 = padding); selected: [H, n, t] their logits (as for
+    ``fit_beta``); beta: [H, t] mass correction on top of the keys' existing bias. Design
+    X = softmax over the compact keys only, causally masked by their original positions;
+    queries that see no compact key are dropped. Fits the deviation from the original values
+    with a relative ridge, C2 = V_sel + D, because an unregularised fit can blow values up
+    and hurt unseen queries.
     """
-    scores = problem.logits(indices.clamp(min=0)).add_(beta[:, None, :])
-    scores.masked_fill_((indices < 0)[:, None, :], -math.inf)
-    design, total = exp_shifted_(scores)
+    design, total, _ = exp_shifted_(selected + beta[:, None, :])
     design.mul_(safe_reciprocal(total)[..., None])
     kept = gather_rows(problem.values.float(), indices)
     # A query that sees no compact key has an all-zero design row and drops out of X^T R.
-    residual = problem.targets - torch.bmm(design, kept)
+    residual = torch.baddbmm(problem.targets, design, kept, alpha=-1.0)
     xt = design.transpose(1, 2)
     lengths = (indices >= 0).sum(dim=1)
     return kept + ridge_solve(torch.bmm(xt, design), torch.bmm(xt, residual), lengths, ridge)

@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import exp_shifted_, logits, safe_reciprocal
 
-# Query rows per chunk when a statistic needs an [H, n, T]-sized temporary.
-_ROW_CHUNK = 1024
+# Query rows per block of E: a block [H, rows, T] stays in cache while exp, the value product
+# and the column sums read it (the whole [H, n, T] would stream through memory each time), and
+# with causal queries it forms about rows / T more scores than needed. 64..192 rows were
+# equally fast on SmolLM2-sized layers at T = 1k..4k.
+_BLOCK_ROWS = 128
+
+
+@dataclass(frozen=True)
+class _Statistics:
+    """What one pass over the row blocks of E yields (see ``Problem._statistics``)."""
+
+    shift: Tensor
+    mass: Tensor
+    targets: Tensor
+    squares: Tensor
 
 
 @dataclass
 class Problem:
-    """Inputs of one layer, with the shifted exponentials E computed once and shared.
+    """Inputs of one layer, with the attention statistics computed once and shared.
+
+    E = exp(S - row max) [H, n, T] is formed block by block of query rows and never kept
+    whole unless a method reads ``weights``.
 
     Attributes:
         keys: [H, T, d] post-RoPE keys (input dtype).
@@ -36,41 +55,97 @@ class Problem:
     budgets: Tensor
     scale: float
 
-    def logits(self, indices: Tensor | None = None) -> Tensor:
+    def logits(self, indices: Tensor) -> Tensor:
         """fp32 logits [H, n, t] of the queries against the keys at ``indices`` [H, t].
 
-        All keys if ``indices`` is None. Causal masking uses the keys' original positions;
-        ``indices`` must be >= 0.
+        Padding slots (index -1) get -inf, so they drop out of every exponential. Causal
+        masking uses the keys' original positions.
         """
-        if indices is None:
-            return logits(self.queries, self.keys, self.scale, self.bias, self.query_positions)
-        keys = self.keys.gather(1, indices[..., None].expand(-1, -1, self.keys.shape[-1]))
-        bias = self.bias.gather(1, indices)
-        return logits(self.queries, keys, self.scale, bias, self.query_positions, indices)
+        index = indices.clamp(min=0)
+        keys = self.keys.gather(1, index[..., None].expand(-1, -1, self.keys.shape[-1]))
+        bias = self.bias.gather(1, index).masked_fill(indices < 0, -math.inf)
+        return logits(self.queries, keys, self.scale, bias, self.query_positions, index)
 
     @cached_property
-    def _shifted(self) -> tuple[Tensor, Tensor]:
-        return exp_shifted_(self.logits())
+    def _bias(self) -> Tensor | None:
+        """``bias``, or None when it is all zero (a fresh cache): adding zeros costs a pass."""
+        return self.bias if bool(self.bias.any()) else None
+
+    def _blocks(self) -> Iterator[tuple[slice, int, Tensor, Tensor, Tensor]]:
+        """Row blocks of E: (rows, seen, E [H, rows, seen], sums [H, rows], shifts [H, rows]).
+
+        A block holds only the first ``seen`` keys, the ones some of its queries can see: with
+        causal positions E is 0 past them, so about half of the score matrix is never formed
+        when the queries come in position order (as captured, GQA heads pooled or not).
+        Blocks of queries that see no key at all are skipped (E, sums and shifts are 0).
+        """
+        length = self.keys.shape[1]
+        for start in range(0, self.queries.shape[1], _BLOCK_ROWS):
+            rows = slice(start, start + _BLOCK_ROWS)
+            positions = None if self.query_positions is None else self.query_positions[:, rows]
+            seen = length if positions is None else min(length, int(positions.max()) + 1)
+            if seen > 0:
+                scores = logits(
+                    self.queries[:, rows],
+                    self.keys[:, :seen],
+                    self.scale,
+                    None if self._bias is None else self._bias[:, :seen],
+                    positions,
+                )
+                yield rows, seen, *exp_shifted_(scores)
+
+    @cached_property
+    def _statistics(self) -> _Statistics:
+        """Shifts, masses, value targets and squared softmax weights in one pass over E.
+
+        The pass serves every method: those that read only scores (kvzip, h2o) pay for the
+        value product too, about a third of its time.
+        """
+        heads, n, _ = self.queries.shape
+        values = self.values.float()
+        shift = self.queries.new_zeros(heads, n, dtype=torch.float32)
+        mass = torch.zeros_like(shift)
+        targets = values.new_zeros(heads, n, values.shape[-1])
+        squares = torch.zeros_like(self.bias)
+        for rows, seen, block, sums, shifts in self._blocks():
+            shift[:, rows], mass[:, rows] = shifts, sums
+            inv = safe_reciprocal(sums)
+            targets[:, rows] = torch.bmm(block, values[:, :seen]).mul_(inv[..., None])
+            # sum_i (E_ij / y_i)^2 as one product, squaring E in place (its last use).
+            squares[:, :seen] += torch.bmm(inv.square()[:, None, :], block.square_()).squeeze(1)
+        return _Statistics(shift=shift, mass=mass, targets=targets, squares=squares)
+
+    @cached_property
+    def weights(self) -> Tensor:
+        """E [H, n, T] = exp(S - row max) in fp32; the softmax weights are E / mass.
+
+        Formed on first use only, by the methods that read E itself (am-omp, h2o, snapkv).
+        """
+        heads, n, _ = self.queries.shape
+        out = self.queries.new_zeros(heads, n, self.keys.shape[1], dtype=torch.float32)
+        for rows, seen, block, _, _ in self._blocks():
+            out[:, rows, :seen] = block
+        return out
 
     @property
-    def weights(self) -> Tensor:
-        """E [H, n, T] = exp(S - row max) in fp32; the softmax weights are E / mass."""
-        return self._shifted[0]
+    def shift(self) -> Tensor:
+        """[H, n] the row max subtracted in E (0 for queries that see no key)."""
+        return self._statistics.shift
 
     @property
     def mass(self) -> Tensor:
         """y [H, n] = row sums of E: each query's attention mass, the target of the beta fit."""
-        return self._shifted[1]
+        return self._statistics.mass
 
     @cached_property
     def inverse_mass(self) -> Tensor:
         """[H, n] 1/y, 0 for queries that see no key (those rows drop out of every fit)."""
         return safe_reciprocal(self.mass)
 
-    @cached_property
+    @property
     def targets(self) -> Tensor:
         """Y [H, n, d_v] = softmax(S) V in fp32 (zero rows for queries that see no key)."""
-        return torch.bmm(self.weights, self.values.float()).mul_(self.inverse_mass[..., None])
+        return self._statistics.targets
 
     def mean_attention(self, rows: slice = slice(None)) -> Tensor:
         """[H, T] mean softmax weight of each key over the query ``rows`` that see any key."""
@@ -80,15 +155,8 @@ class Problem:
 
     def rms_attention(self) -> Tensor:
         """[H, T] root-mean-square softmax weight of each key over the queries that see any key."""
-        total = torch.zeros_like(self.bias)
-        for w, inv in zip(
-            self.weights.split(_ROW_CHUNK, dim=1),
-            self.inverse_mass.split(_ROW_CHUNK, dim=1),
-            strict=True,
-        ):
-            total += (w * inv[..., None]).square_().sum(dim=1)
         count = (self.inverse_mass > 0).sum(dim=1, keepdim=True).clamp_min(1)
-        return (total / count).sqrt_()
+        return (self._statistics.squares / count).sqrt_()
 
     @cached_property
     def duplicates(self) -> Tensor:
@@ -97,11 +165,34 @@ class Problem:
         Copies score alike under every method, so score ties would keep several of them
         although one copy with beta = log(count) carries them all.
         """
-        h, t, d = self.keys.shape
-        head = torch.arange(h, device=self.keys.device).repeat_interleave(t)
-        rows = torch.cat([head[:, None].float(), self.keys.reshape(h * t, d).float()], dim=1)
+        device = self.keys.device
+        # torch.unique over rows is slow (it compares row by row): a hash first finds the few
+        # rows that can have a copy, and only those go through it.
+        hashed, order = _row_hash(self.keys).sort(dim=1)
+        tie = hashed[:, 1:] == hashed[:, :-1]
+        tied = F.pad(tie, (1, 0)) | F.pad(tie, (0, 1))
+        head, pos = torch.zeros_like(tied).scatter_(1, order, tied).nonzero(as_tuple=True)
+        out = torch.zeros_like(tied)
+        if head.numel() == 0:
+            return out
+        # Candidates in (head, position) order: the first of each group is the earliest copy.
+        rows = torch.cat([head[:, None].float(), self.keys[head, pos].float()], dim=1)
         _, group = torch.unique(rows, dim=0, return_inverse=True)
-        order = torch.arange(h * t, device=self.keys.device)
-        first = torch.full((int(group.max()) + 1,), h * t, device=self.keys.device)
-        first = first.scatter_reduce(0, group, order, reduce="amin")
-        return (first[group] != order).view(h, t)
+        index = torch.arange(head.numel(), device=device)
+        first = torch.full((int(group.max()) + 1,), head.numel(), device=device)
+        first = first.scatter_reduce(0, group, index, reduce="amin")
+        copy = first[group] != index
+        out[head[copy], pos[copy]] = True
+        return out
+
+
+def _row_hash(rows: Tensor) -> Tensor:
+    """[H, T] int64 hash of each row of ``rows`` [H, T, d]; rows equal as floats hash alike.
+
+    Exact integer arithmetic on the bits: + 0.0 turns -0.0 into 0.0, and |bits| < 2^31 times
+    multipliers < 2^20, summed over d < 2^12 terms, cannot overflow.
+    """
+    bits = (rows.float() + 0.0).view(torch.int32).long()
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randint(1, 1 << 20, (rows.shape[-1],), generator=gen).to(rows.device)
+    return (bits * mix).sum(dim=-1)

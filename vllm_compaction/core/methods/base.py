@@ -24,8 +24,9 @@ class Method:
     """Base of every method.
 
     Args:
-        max_queries: reference queries used per head; more are subsampled at random (the
-            [H, n, T] score matrix dominates memory: 8192 x 8192 x 3 heads is 0.8 GB fp32).
+        max_queries: reference queries used per head; more are subsampled at random (time
+            grows with n x T; methods that read E whole, am-omp, h2o and snapkv, hold it as
+            [H, n, T] fp32: 8192 x 8192 x 3 heads is 0.8 GB).
         seed: seed of the query subsampling (and of the ``random`` method).
     """
 
@@ -85,16 +86,18 @@ class AttentionMatching(Method):
     value_ridge: float = 1e-2
 
     def build(self, problem: Problem, indices: Tensor) -> Compacted:
+        selected = problem.logits(indices)  # shared by both fits
         beta = fit_beta(
             problem,
             indices,
+            selected,
             weighting=self.mass_weighting,
             beta_min=self.beta_min,
             beta_max=self.beta_max,
             ridge=self.mass_ridge,
             steps=self.mass_steps,
         )
-        values = fit_values(problem, indices, beta, ridge=self.value_ridge)
+        values = fit_values(problem, indices, selected, beta, ridge=self.value_ridge)
         return _compacted(problem, indices, beta, values)
 
 

@@ -1,0 +1,111 @@
+"""The blocked statistics of a Problem equal their plain dense definitions."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_compaction.core import problem as problem_module
+from vllm_compaction.core.problem import Problem, _row_hash
+
+
+def _layer(positions: str, biased: bool, seed: int = 0) -> Problem:
+    """Keys with or without bias (some -inf); queries without positions or with positions
+    shuffled or sorted, the first ones seeing no key at all (a whole block of them)."""
+    gen = torch.Generator().manual_seed(seed)
+    heads, length, n, dim = 2, 40, 90, 8
+    bias = torch.zeros(heads, length)
+    if biased:
+        bias = torch.randn(heads, length, generator=gen)
+        bias[0, 5] = bias[1, :3] = -math.inf
+    where = None
+    if positions != "none":
+        where = torch.randint(-1, length, (heads, n), generator=gen)
+        if positions == "sorted":
+            where = where.sort(dim=1).values
+        where[:, :8] = -1
+    return Problem(
+        keys=torch.randn(heads, length, dim, generator=gen),
+        values=torch.randn(heads, length, dim, generator=gen),
+        queries=2 * torch.randn(heads, n, dim, generator=gen),
+        bias=bias,
+        query_positions=where,
+        budgets=torch.full((heads,), 10),
+        scale=0.3,
+    )
+
+
+@pytest.mark.parametrize("biased", [False, True])
+@pytest.mark.parametrize("positions", ["none", "shuffled", "sorted"])
+def test_blocked_statistics_match_dense_definitions(
+    positions: str, biased: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    problem = _layer(positions, biased)
+    causal = positions != "none"
+    # Tiny blocks: many row blocks, each with its own count of visible keys.
+    monkeypatch.setattr(problem_module, "_BLOCK_ROWS", 7)
+
+    scores = problem.scale * problem.queries.double() @ problem.keys.double().transpose(1, 2)
+    scores = scores + problem.bias.double()[:, None, :]
+    if causal:
+        future = torch.arange(40)[None, None, :] > problem.query_positions[:, :, None]
+        scores = scores.masked_fill(future, -math.inf)
+    sees = torch.isfinite(scores).any(dim=-1)
+    shift = torch.where(sees, scores.amax(dim=-1), 0.0)
+    weights = (scores - shift[..., None]).exp()
+    mass = weights.sum(dim=-1)
+    attn = weights / mass.clamp_min(1e-300)[..., None]
+    count = sees.sum(dim=1, keepdim=True)
+    rms = (attn.square().sum(dim=1) / count).sqrt()
+    targets = attn @ problem.values.double()
+
+    assert causal == bool((~sees).any())
+    close = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(problem.shift, shift.float(), **close)
+    torch.testing.assert_close(problem.mass, mass.float(), **close)
+    torch.testing.assert_close(problem.targets, targets.float(), **close)
+    torch.testing.assert_close(problem.rms_attention(), rms.float(), **close)
+    torch.testing.assert_close(problem.weights, weights.float(), **close)
+    torch.testing.assert_close(problem.mean_attention(), (attn.sum(1) / count).float(), **close)
+
+    # The fits form the kept columns of E from their logits; padding slots (-1) give 0.
+    indices = torch.tensor([[3, 9, 17, 30, 39], [0, 12, 25, -1, -1]])
+    columns = (problem.logits(indices) - problem.shift[..., None]).exp()
+    expected = weights.gather(2, indices.clamp(min=0)[:, None, :].expand(-1, 90, -1))
+    expected = expected.masked_fill(indices[:, None, :] < 0, 0.0)
+    torch.testing.assert_close(columns, expected.float(), **close)
+
+
+def test_duplicates_match_unique_rows() -> None:
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(2, 30, 6, generator=gen)
+    keys[0, 7] = keys[0, 2]
+    keys[0, 20] = keys[0, 2]
+    keys[1, 9] = keys[0, 4]  # the same row in another head is no copy
+    keys[1, 11] = keys[1, 25]  # the later position is the copy, the earlier is kept
+    keys[1, 3] = 0.0
+    keys[1, 14] = -0.0  # equal as floats
+    # A row whose hash equals row 5's without being equal: only a real copy may be dropped.
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randint(1, 1 << 20, (6,), generator=gen)
+    bits = keys[0, 5].view(torch.int32).clone()
+    bits[0] += int(mix[1])
+    bits[1] -= int(mix[0])
+    keys[0, 16] = bits.view(torch.float32)
+    hashed = _row_hash(keys)
+    assert hashed[0, 16] == hashed[0, 5] and not torch.equal(keys[0, 16], keys[0, 5])
+
+    problem = Problem(
+        keys=keys,
+        values=keys,
+        queries=keys,
+        bias=torch.zeros(2, 30),
+        query_positions=None,
+        budgets=torch.full((2,), 10),
+        scale=1.0,
+    )
+    expected = torch.zeros(2, 30, dtype=torch.bool)
+    expected[0, [7, 20]] = expected[1, [25, 14]] = True
+    assert torch.equal(problem.duplicates, expected)
