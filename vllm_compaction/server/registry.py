@@ -152,18 +152,11 @@ class HandleRegistry:
             return record
         folder = self.root / handle_id
         try:
-            manifest = store.read_manifest(folder)
-            if manifest is None:
-                raise store.CorruptHandle("its manifest is missing")
             await self.engine.collective_rpc(
-                "compaction_load", args=(handle_id, str(folder), manifest["files"])
+                "compaction_load", args=(handle_id, str(folder), _manifest(folder)["files"])
             )
         except Exception as error:  # corrupt, truncated or foreign: lost, never wrong KV
-            if self.stored.get(handle_id) is not record:  # deleted or evicted meanwhile
-                self.owned(handle_id, tenant)
-            why = f"is lost: {error}"
-            self._bury(record, why)
-            raise CompactionError(f"compaction {handle_id} {why}", 410, "compaction") from error
+            raise self._lost(record, tenant, error) from error
         if self.stored.get(handle_id) is not record:  # deleted or evicted during the load
             await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
             self.owned(handle_id, tenant)
@@ -216,19 +209,16 @@ class HandleRegistry:
         record = self.owned(handle_id, tenant)
         folder = self.root / handle_id
         try:
-            manifest = store.read_manifest(folder) or {}
-            ranks = [store.load_layers(folder / f["file"], f["sha256"]) for f in manifest["files"]]
+            ranks = await asyncio.to_thread(_read_tensors, folder)
         except Exception as error:
-            why = f"is lost: {error}"
-            self._bury(record, why)
-            raise CompactionError(f"compaction {handle_id} {why}", 410, "compaction") from error
+            raise self._lost(record, tenant, error) from error
         portable_manifest = {"fingerprint": self.fingerprint, **record.to_json(), "tenant": ""}
-        return portable.pack(portable_manifest, ranks, self.seal_key)
+        return await asyncio.to_thread(portable.pack, portable_manifest, ranks, self.seal_key)
 
     async def import_blob(self, blob: bytes, tenant: str) -> Compaction:
         """A new handle of `tenant` from an exported blob made with this model."""
         try:
-            manifest, ranks = portable.unpack(blob, self.seal_key)
+            manifest, ranks = await asyncio.to_thread(portable.unpack, blob, self.seal_key)
             if manifest.get("fingerprint") != self.fingerprint:
                 raise portable.BadBlob("it was made with other model weights")
             source = HandleRecord.from_json(manifest)
@@ -251,10 +241,7 @@ class HandleRegistry:
         )
         folder = self.root / handle_id
         try:
-            files = [
-                {"file": name, "sha256": store.save_layers(folder / name, layers)}
-                for name, layers in ((f"rank{r}.safetensors", ls) for r, ls in enumerate(ranks))
-            ]
+            files = await asyncio.to_thread(_write_tensors, folder, ranks)
             await self.engine.collective_rpc(
                 "compaction_load", args=(handle_id, str(folder), files)
             )
@@ -285,6 +272,15 @@ class HandleRegistry:
         await self._spill()
 
     # Internals.
+
+    def _lost(self, record: HandleRecord, tenant: str, error: Exception) -> CompactionError:
+        """The answer for a handle whose files failed us: its 404/410 if it was deleted or
+        evicted meanwhile, else 'lost' (it is buried: never wrong KV)."""
+        if self.stored.get(record.info.id) is not record:
+            self.owned(record.info.id, tenant)
+        why = f"is lost: {error}"
+        self._bury(record, why)
+        return CompactionError(f"compaction {record.info.id} {why}", 410, "compaction")
 
     async def _write_manifest(self, record: HandleRecord, files: list[dict[str, str]]) -> None:
         """The manifest goes last: a folder without one was never completed."""
@@ -392,6 +388,28 @@ class HandleRegistry:
         metrics.HANDLES.set(len(self.stored))
         metrics.HANDLE_BYTES.set(sum(self.resident.values()))
         metrics.STORE_DISK_BYTES.set(self._disk_bytes())
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    manifest = store.read_manifest(folder)
+    if manifest is None:
+        raise store.CorruptHandle("its manifest is missing")
+    return manifest
+
+
+def _read_tensors(folder: Path) -> list[portable.Layers]:
+    """Every worker's tensors of a stored handle, checked against the manifest."""
+    files = _manifest(folder)["files"]
+    return [store.load_layers(folder / f["file"], f["sha256"]) for f in files]
+
+
+def _write_tensors(folder: Path, ranks: list[portable.Layers]) -> list[dict[str, str]]:
+    """One file per worker, as compaction_save writes them; the manifest's file entries."""
+    names = [f"rank{rank}.safetensors" for rank in range(len(ranks))]
+    return [
+        {"file": name, "sha256": store.save_layers(folder / name, layers)}
+        for name, layers in zip(names, ranks, strict=True)
+    ]
 
 
 def _expiry(record: HandleRecord) -> str:
