@@ -107,18 +107,21 @@ def test_altered_foreign_and_garbage_blobs_are_refused_and_the_server_goes_on(sp
     altered[-3] ^= 0x40
     manifest, ranks = portable.unpack(blob, None)
     foreign = portable.pack({**manifest, "fingerprint": "another model"}, ranks, None)
+    one_layer = {part: tensors[:1] for part, tensors in ranks[0].items()}
     reshaped = portable.pack(manifest, [{**ranks[0], "keys": ranks[0]["keys"][:-1]}], None)
     for bad, message in (
         (bytes(altered), "checksum"),
         (foreign, "other model weights"),
         (reshaped, "layer counts"),
         (b"{}", "not a compaction export"),
-        (portable.pack(manifest, [ranks[0], copy.deepcopy(ranks[0])], None), "2 workers' KV"),
+        (portable.pack(manifest, [one_layer, copy.deepcopy(one_layer)], None), "2 workers' KV"),
     ):
         response = _import(base, bad)
         assert response.status_code == 400, (message, response.text)
         assert message in response.json()["error"]["message"]
     assert httpx.get(f"{base}/v1/compactions/cmp_nope/content").status_code == 404
+    too_large = _import(base, bytes(2 * TINY_HANDLE_BYTES))  # past this server's memory budget
+    assert too_large.status_code == 413 and "larger than the handle budgets" in too_large.text
     assert continuation(client, handle["id"]) == expected
 
 

@@ -111,11 +111,13 @@ async def export_compaction(handle_id: str, raw: Request):
 async def import_compaction(raw: Request):
     """Body: a blob from GET /v1/compactions/{id}/content; answers the new handle."""
     registry = _service(raw).registry
+    # A handle larger than either budget could never be held: refuse before buffering it.
+    largest = min(registry.limits.memory_bytes, registry.limits.disk_bytes)
     blob = bytearray()
     async for chunk in raw.stream():
         blob += chunk
-        if len(blob) > registry.limits.disk_bytes:
-            return _error("the blob is larger than the server's handle store", status=413)
+        if len(blob) > largest:
+            return _error(f"the blob is larger than the handle budgets ({largest} bytes)", 413)
     try:
         return await registry.import_blob(bytes(blob), raw.state.tenant)
     except CompactionError as error:
