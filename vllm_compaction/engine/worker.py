@@ -24,6 +24,10 @@ class CompactionWorkerExtension:
 
     def compaction_bind(self) -> None:
         """Let the attention backend find this worker's batch (request ids in row order)."""
+        # Tensor parallelism splits KV heads, which compact independently; pipeline stages
+        # would each hold some layers, and handles index every layer.
+        if self.parallel_config.pipeline_parallel_size > 1:
+            raise NotImplementedError("compaction does not support pipeline parallelism")
         STATE.runner = self.model_runner
 
     def compaction_compact(self, key: str, options: dict[str, Any]) -> None:
@@ -62,7 +66,11 @@ class CompactionWorkerExtension:
     def compaction_load(self, key: str, folder: str, files: list[dict[str, str]]) -> None:
         """Bring a stored or imported handle into memory; refuses altered or unfitting files."""
         if len(files) != self.parallel_config.world_size:
-            raise store.CorruptHandle(f"it was stored by {len(files)} workers, not by ours")
+            # Each file holds one rank's KV heads: only the same split can read them.
+            raise store.CorruptHandle(
+                f"it was made by {len(files)} workers (tensor-parallel ranks); this engine has "
+                f"{self.parallel_config.world_size}"
+            )
         entry = files[self.rank]
         handle = Handle(**store.load_layers(Path(folder) / entry["file"], entry["sha256"]))
         _check_fits(handle, self.vllm_config)

@@ -226,7 +226,7 @@ class HandleRegistry:
             raise CompactionError(f"cannot import the blob: {error}") from error
         if len(ranks) != self.workers:
             raise CompactionError(
-                f"the blob holds {len(ranks)} workers' KV; this server has {self.workers}"
+                f"cannot import the blob: {_other_split(len(ranks), self.workers)}"
             )
         if source.expired():
             raise CompactionError(f"cannot import the blob: the handle {_expiry(source)}")
@@ -369,12 +369,17 @@ class HandleRegistry:
                     self.gone[folder.name] = (manifest["tenant"], manifest["gone"])
                     continue
                 record = HandleRecord.from_json(manifest)
+                made_by = len(manifest["files"])
             except (KeyError, TypeError, ValueError) as error:
                 logger.warning("ignoring %s: %s", folder, error)
                 continue
             if manifest.get("fingerprint") != self.fingerprint:
                 # Another model's handle (the directory may be shared): not ours to remove.
                 self.gone[folder.name] = (record.tenant, "is lost: made with other model weights")
+            elif made_by != self.workers:
+                # Intact but split for another worker count: kept for a server of that size.
+                why = f"is unavailable here: {_other_split(made_by, self.workers)}"
+                self.gone[folder.name] = (record.tenant, why)
             elif record.expired():
                 self._bury(record, _expiry(record))
             else:
@@ -410,6 +415,14 @@ def _write_tensors(folder: Path, ranks: list[portable.Layers]) -> list[dict[str,
         {"file": name, "sha256": store.save_layers(folder / name, layers)}
         for name, layers in zip(names, ranks, strict=True)
     ]
+
+
+def _other_split(made_by: int, workers: int) -> str:
+    """Why a handle's tensors do not fit: each worker holds only its own KV heads."""
+    return (
+        f"it holds {made_by} workers' KV (tensor-parallel size {made_by}); this server has "
+        f"{workers}"
+    )
 
 
 def _expiry(record: HandleRecord) -> str:
