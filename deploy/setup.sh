@@ -21,8 +21,11 @@ elif [ "$flavour" != cpu ] && [ "$flavour" != gpu ]; then
   exit 2
 fi
 
+# One full lock per flavour: vLLM's GPU build pins a few packages to other versions.
+if [ "$flavour" = gpu ]; then lock=deploy/constraints-gpu.txt; else lock=deploy/constraints.txt; fi
+
 stamp="$venv/.setup-done"
-fingerprint="$flavour $(cat deploy/setup.sh deploy/requirements.txt deploy/constraints.txt pyproject.toml csrc/*.cpp | sha256sum | cut -d' ' -f1)"
+fingerprint="$flavour $(cat deploy/setup.sh deploy/requirements.txt "$lock" pyproject.toml csrc/*.cpp | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ]; then
   exit 0
 fi
@@ -30,7 +33,7 @@ fi
 echo "[setup] preparing $venv for $flavour" >&2
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check)
-install=("${pip[@]}" install -c deploy/constraints.txt)
+install=("${pip[@]}" install -c "$lock")
 # Older pips (Debian's 23.0.1) mis-handle the machine's torch cap against torch==2.13.0+cpu.
 "${install[@]}" pip==23.2.1
 if [ "$flavour" = cpu ]; then
