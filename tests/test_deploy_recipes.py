@@ -160,7 +160,7 @@ def deployment_problems(manifests: dict[str, list[Doc]]) -> list[str]:
     spec, pod = deployment["spec"], deployment["spec"]["template"]
     (container,) = pod["spec"]["containers"]
     problems = []
-    # One server per handles directory (docs/serving.md).
+    # One server per handles directory (docs/operations.md).
     if spec.get("replicas") != 1 or spec.get("strategy", {}).get("type") != "Recreate":
         problems.append("one replica, replaced with Recreate: the handles volume has one server")
     ports = {p.get("name"): p["containerPort"] for p in container["ports"]}

@@ -20,17 +20,74 @@ from vllm.entrypoints.openai.chat_completion.api_router import create_chat_compl
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.api_router import create_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from vllm_compaction import portable, store
 from vllm_compaction.engine.params import PARAMS_KEY
 from vllm_compaction.server import metrics
 from vllm_compaction.server.errors import CompactionError
-from vllm_compaction.server.protocol import CompactionDeleted, CompactRequest
+from vllm_compaction.server.protocol import (
+    Compaction,
+    CompactionDeleted,
+    CompactionList,
+    CompactRequest,
+)
 from vllm_compaction.server.registry import HandleRegistry, Limits
 from vllm_compaction.server.service import CompactionService
 from vllm_compaction.server.tenants import TenantMiddleware
 
 router = APIRouter()
+
+# What the OpenAPI schema says about each route's answers (docs only: handlers return their own
+# responses). Every error has OpenAI's shape; "default" covers the statuses not listed (and keeps
+# FastAPI from announcing a 422: validation errors are 400s here, as in vLLM).
+_OTHER_ERRORS = {
+    "model": ErrorResponse,
+    "description": "Any other error, in the same shape: 401 when the server has "
+    "`--api-keys-file` and the key is missing or unknown, 500 on a server fault.",
+}
+_NO_HANDLE = {
+    "model": ErrorResponse,
+    "description": "No such handle for this caller. Another tenant's handle answers exactly "
+    "as an id that never existed.",
+}
+_GONE = {
+    "model": ErrorResponse,
+    "description": "The caller's handle expired, was evicted by the disk budget, or its files "
+    "were lost (altered, or made with other weights); the message says which.",
+}
+_BINARY = {"schema": {"type": "string", "contentMediaType": "application/octet-stream"}}
+_BAD_HANDLE_USE = {
+    "model": ErrorResponse,
+    "description": "Invalid body; or, with `compaction`: a field that re-reads the prompt "
+    "(`prompt_logprobs`, `echo`, `truncate_prompt_tokens`, `use_beam_search`), a handle made "
+    "for the other route, handle + request longer than the model's context, or "
+    "`kv_transfer_params.compaction` set by the caller (reserved).",
+}
+_HANDLE_REQUEST_ANSWERS = {
+    200: {
+        "description": "vLLM's own answer (JSON, or server-sent events with `stream`). Without "
+        "`stream`, an answer on a handle carries `kv_transfer_params.compaction.blocks`: the KV "
+        "blocks the request held.",
+        "content": {"text/event-stream": {}},
+    },
+    400: _BAD_HANDLE_USE,
+    404: {"model": ErrorResponse, "description": "Unknown model, or no such handle."},
+    410: _GONE,
+    "default": _OTHER_ERRORS,
+}
+
+
+def _continues_from_handle(kind: str, route: str) -> dict:
+    """openapi_extra that adds the `compaction` field to vLLM's request body schema."""
+    field = {
+        "type": "string",
+        "description": f"A handle id from `POST /v1/compact` made from {kind}. The model "
+        f"continues from the compacted context followed by this request's {route}. Many "
+        "requests can use one handle at once; its KV blocks exist once.",
+    }
+    schema = {"properties": {"compaction": field}}
+    return {"requestBody": {"content": {"application/json": {"schema": schema}}}}
 
 
 def _error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
@@ -57,8 +114,22 @@ def _service(raw: Request) -> CompactionService:
     return raw.app.state.compaction
 
 
-@router.post("/v1/compact")
+@router.post(
+    "/v1/compact",
+    responses={
+        200: {"model": Compaction, "description": "The new handle."},
+        400: {
+            "model": ErrorResponse,
+            "description": "Invalid body, unknown method, an input longer than the model's "
+            "context, or a budget smaller than the tokens kept verbatim.",
+        },
+        404: {"model": ErrorResponse, "description": "Unknown model."},
+        "default": _OTHER_ERRORS,
+    },
+)
 async def compact(request: CompactRequest, raw: Request):
+    """Read a document or a conversation once, compact its KV cache on the engine's workers and
+    store the result as a handle. The handle is on disk before the answer is sent."""
     model_error = await raw.app.state.openai_serving_completion._check_model(request)
     if model_error is not None:
         return JSONResponse(model_error.model_dump(), status_code=model_error.error.code)
@@ -68,26 +139,54 @@ async def compact(request: CompactRequest, raw: Request):
         return _refused(error)
 
 
-@router.get("/v1/compactions")
+@router.get(
+    "/v1/compactions",
+    responses={
+        200: {"model": CompactionList, "description": "A page of the caller's live handles."},
+        404: {"model": ErrorResponse, "description": "`after` names no live handle of the caller."},
+        "default": _OTHER_ERRORS,
+    },
+)
 async def list_compactions(
-    raw: Request, limit: int = Query(default=20, ge=1, le=100), after: str | None = None
+    raw: Request,
+    limit: int = Query(default=20, ge=1, le=100, description="Handles per page."),
+    after: str | None = Query(default=None, description="Start after this handle id."),
 ):
+    """The caller's live handles, oldest first."""
     try:
         return _service(raw).registry.list(raw.state.tenant, limit, after)
     except CompactionError as error:
         return _refused(error)
 
 
-@router.get("/v1/compactions/{handle_id}")
+@router.get(
+    "/v1/compactions/{handle_id}",
+    responses={
+        200: {"model": Compaction, "description": "The handle, as `/v1/compact` answered it."},
+        404: _NO_HANDLE,
+        410: _GONE,
+        "default": _OTHER_ERRORS,
+    },
+)
 async def get_compaction(handle_id: str, raw: Request):
+    """A handle's metadata (its KV stays where it is)."""
     try:
         return _service(raw).registry.owned(handle_id, raw.state.tenant).info
     except CompactionError as error:
         return _refused(error)
 
 
-@router.delete("/v1/compactions/{handle_id}")
+@router.delete(
+    "/v1/compactions/{handle_id}",
+    responses={
+        200: {"model": CompactionDeleted, "description": "The handle is deleted."},
+        404: _NO_HANDLE,
+        410: _GONE,
+        "default": _OTHER_ERRORS,
+    },
+)
 async def delete_compaction(handle_id: str, raw: Request):
+    """Delete a handle: its files at once, its KV after the last request running on it."""
     try:
         await _service(raw).registry.delete(handle_id, raw.state.tenant)
     except CompactionError as error:
@@ -95,8 +194,24 @@ async def delete_compaction(handle_id: str, raw: Request):
     return CompactionDeleted(id=handle_id)
 
 
-@router.get("/v1/compactions/{handle_id}/content")
+@router.get(
+    "/v1/compactions/{handle_id}/content",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The handle as one safetensors file: every worker's tensors, with the "
+            "manifest and a checksum as metadata; sealed (AES-256-GCM) when the server has "
+            "`--seal-key-file`.",
+            "content": {"application/octet-stream": _BINARY},
+        },
+        404: _NO_HANDLE,
+        410: _GONE,
+        "default": _OTHER_ERRORS,
+    },
+)
 async def export_compaction(handle_id: str, raw: Request):
+    """Export a handle, for `POST /v1/compactions` on a server with the same model weights and
+    worker count."""
     try:
         blob = await _service(raw).registry.export(handle_id, raw.state.tenant)
     except CompactionError as error:
@@ -107,9 +222,33 @@ async def export_compaction(handle_id: str, raw: Request):
     )
 
 
-@router.post("/v1/compactions")
+@router.post(
+    "/v1/compactions",
+    openapi_extra={
+        "requestBody": {"required": True, "content": {"application/octet-stream": _BINARY}}
+    },
+    responses={
+        200: {
+            "model": Compaction,
+            "description": "The new handle: a new id, owned by the caller, the same expiry.",
+        },
+        400: {
+            "model": ErrorResponse,
+            "description": "Not an export, altered, made with other weights or another worker "
+            "count, tensors that do not fit the model, already expired, sealed with another "
+            "key (or while this server has none), or not sealed while this server seals.",
+        },
+        413: {
+            "model": ErrorResponse,
+            "description": "Larger than the memory or disk budget (refused before it is read "
+            "whole).",
+        },
+        "default": _OTHER_ERRORS,
+    },
+)
 async def import_compaction(raw: Request):
-    """Body: a blob from GET /v1/compactions/{id}/content; answers the new handle."""
+    """Import a blob from `GET /v1/compactions/{id}/content` as a new handle of the caller. The
+    body is the blob itself."""
     registry = _service(raw).registry
     # A handle larger than either budget could never be held: refuse before buffering it.
     largest = min(registry.limits.memory_bytes, registry.limits.disk_bytes)
@@ -124,8 +263,15 @@ async def import_compaction(raw: Request):
         return _refused(error)
 
 
-@router.post("/v1/completions")
+@router.post(
+    "/v1/completions",
+    responses=_HANDLE_REQUEST_ANSWERS,
+    openapi_extra=_continues_from_handle("a `prompt`", "`prompt`"),
+)
 async def completions(request: CompletionRequest, raw: Request):
+    """vLLM's completions. With `compaction`, the prompt continues the handle's compacted
+    document; without it, the request goes to vLLM's own handler unchanged."""
+
     async def place(service: CompactionService, handle_id: str, tenant: str) -> None:
         ids, salt, params = await service.completion_prompt(handle_id, request.prompt, tenant)
         request.prompt, request.cache_salt, request.kv_transfer_params = ids, salt, params
@@ -133,8 +279,16 @@ async def completions(request: CompletionRequest, raw: Request):
     return await _serve(request, raw, "completions", create_completion, place)
 
 
-@router.post("/v1/chat/completions")
+@router.post(
+    "/v1/chat/completions",
+    responses=_HANDLE_REQUEST_ANSWERS,
+    openapi_extra=_continues_from_handle("`messages`", "`messages`"),
+)
 async def chat_completions(request: ChatCompletionRequest, raw: Request):
+    """vLLM's chat completions. With `compaction`, `messages` are the turns that follow the
+    handle's conversation: the chat template is rendered over both, and the compacted part must
+    come out as a prefix. Without it, the request goes to vLLM's own handler unchanged."""
+
     async def place(service: CompactionService, handle_id: str, tenant: str) -> None:
         ids, salt, params = await service.chat_prompt(handle_id, request, tenant)
         # vLLM feeds kv_transfer_params["prompt_token_ids"] to the engine instead of templating.

@@ -1,4 +1,8 @@
-"""Request and response bodies of the compaction routes (OpenAI style)."""
+"""Request and response bodies of the compaction routes (OpenAI style).
+
+The field descriptions are the API reference: docs/api.md is generated from the OpenAPI schema
+they end up in (`python -m vllm_compaction.server.openapi_doc`).
+"""
 
 from __future__ import annotations
 
@@ -6,25 +10,64 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from vllm_compaction.core import METHODS
+
 DEFAULT_RATIO = 10.0
 DEFAULT_TTL_S = 24 * 3600
 MAX_TTL_S = 365 * 24 * 3600
 
 
 class CompactRequest(BaseModel):
-    """`POST /v1/compact`: a document (`prompt`) or a conversation (`messages`) to compact."""
+    """`POST /v1/compact`: a document (`prompt`) or a conversation (`messages`) to compact.
+    Give exactly one of them, and at most one of `ratio` and `target_tokens`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str
-    prompt: str | list[int] | None = None
-    messages: list[dict[str, Any]] | None = None
-    ratio: float | None = Field(default=None, ge=1.0)
-    target_tokens: int | None = Field(default=None, ge=1)
-    queries: Literal["repeat", "context"] = "repeat"
-    method: str = "am-highest"
-    keep_first: int = Field(default=4, ge=0)
-    ttl_seconds: int = Field(default=DEFAULT_TTL_S, ge=1, le=MAX_TTL_S)
+    model: str = Field(description="A served model name, as listed by `GET /v1/models`.")
+    prompt: str | list[int] | None = Field(
+        default=None,
+        description="A document: text or token ids. The handle continues it on `/v1/completions`.",
+    )
+    messages: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="A conversation in chat format (`role`, `content`). The chat template's "
+        "own tokens are kept verbatim. The handle continues it on `/v1/chat/completions`.",
+    )
+    ratio: float | None = Field(
+        default=None,
+        ge=1.0,
+        description=f"Input tokens per compacted token; {DEFAULT_RATIO:g} when neither this "
+        "nor `target_tokens` is given. Tokens kept verbatim count toward the budget.",
+    )
+    target_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="The number of compacted tokens, instead of a ratio; below the input's length.",
+    )
+    queries: Literal["repeat", "context"] = Field(
+        default="repeat",
+        description="Where the reference queries come from. `repeat`: the model reads the "
+        "context again after an instruction to repeat it (about twice the context's positions; "
+        "when that exceeds the model's context, `context` is used and the answer says so). "
+        "`context`: the context's own queries, each seeing only the keys before it.",
+    )
+    method: str = Field(
+        default="am-highest",
+        description="`am-highest` or `am-omp` (Attention Matching: kept keys, a bias per key, "
+        "refitted values), or an eviction baseline that only keeps keys.",
+        json_schema_extra={"enum": list(METHODS)},
+    )
+    keep_first: int = Field(
+        default=4,
+        ge=0,
+        description="The first tokens, kept verbatim (attention sinks).",
+    )
+    ttl_seconds: int = Field(
+        default=DEFAULT_TTL_S,
+        ge=1,
+        le=MAX_TTL_S,
+        description="The handle's lifetime; after it, every use answers 410.",
+    )
 
     @model_validator(mode="after")
     def _one_input_one_size(self) -> CompactRequest:
@@ -44,37 +87,60 @@ class CompactRequest(BaseModel):
 
 
 class CompactionUsage(BaseModel):
-    prompt_tokens: int
-    query_tokens: int
-    total_tokens: int
+    """Tokens the engine prefilled to make the handle."""
+
+    prompt_tokens: int = Field(description="The input's tokens.")
+    query_tokens: int = Field(
+        description="Tokens prefilled after the input to make repeat queries (0 with context "
+        "queries)."
+    )
+    total_tokens: int = Field(description="`prompt_tokens` + `query_tokens`.")
 
 
 class CompactionTiming(BaseModel):
-    prefill_s: float
-    queries_s: float
-    compact_s: float
-    total_s: float
+    """Seconds spent making the handle, measured by the API server."""
+
+    prefill_s: float = Field(
+        description="Prefill of the input (and the repeat), which also "
+        "records the reference queries."
+    )
+    queries_s: float = Field(description="Always 0: the queries are recorded during the prefill.")
+    compact_s: float = Field(description="Compaction on the workers.")
+    total_s: float = Field(description="The whole call.")
 
 
 class Compaction(BaseModel):
-    """What `/v1/compact` and `GET /v1/compactions/{id}` answer."""
+    """A handle: what `/v1/compact`, `GET /v1/compactions/{id}` and an import answer."""
 
-    id: str
+    id: str = Field(
+        description="The handle's id (`cmp_` and 32 random characters). Pass it as "
+        "`compaction` to continue from the compacted context."
+    )
     object: Literal["compaction"] = "compaction"
-    model: str
-    kind: Literal["prompt", "messages"]
-    created_at: int
-    expires_at: int
-    original_tokens: int
-    compacted_tokens: int
-    ratio: float
-    method: str
-    queries: Literal["repeat", "context"]
-    usage: CompactionUsage
-    timing: CompactionTiming
+    model: str = Field(description="The served model name it was made with.")
+    kind: Literal["prompt", "messages"] = Field(
+        description="What it was made from: `prompt` handles are used with `/v1/completions`, "
+        "`messages` handles with `/v1/chat/completions`."
+    )
+    created_at: int = Field(description="Unix time, seconds.")
+    expires_at: int = Field(description="Unix time, seconds: `created_at` + `ttl_seconds`.")
+    original_tokens: int = Field(description="The input's tokens.")
+    compacted_tokens: int = Field(
+        description="Tokens of the compacted context, verbatim ones included. A request on the "
+        "handle occupies this many positions rounded up to whole KV blocks."
+    )
+    ratio: float = Field(description="`original_tokens` / `compacted_tokens`.")
+    method: str = Field(description="The method that made it.")
+    queries: Literal["repeat", "context"] = Field(
+        description="The query source that was used (`context` when `repeat` did not fit)."
+    )
+    usage: CompactionUsage = Field(description="Tokens prefilled to make it.")
+    timing: CompactionTiming = Field(description="Seconds spent making it.")
 
 
 class CompactionDeleted(BaseModel):
+    """`DELETE /v1/compactions/{id}`: the handle is gone."""
+
     id: str
     object: Literal["compaction.deleted"] = "compaction.deleted"
     deleted: bool = True
@@ -84,7 +150,9 @@ class CompactionList(BaseModel):
     """`GET /v1/compactions`: the caller's handles, oldest first, a page at a time."""
 
     object: Literal["list"] = "list"
-    data: list[Compaction]
-    first_id: str | None
-    last_id: str | None
-    has_more: bool
+    data: list[Compaction] = Field(description="This page's handles.")
+    first_id: str | None = Field(description="The first handle's id (null on an empty page).")
+    last_id: str | None = Field(
+        description="The last handle's id: pass it as `after` for the next page."
+    )
+    has_more: bool = Field(description="Whether handles follow this page.")
