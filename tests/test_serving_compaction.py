@@ -251,6 +251,20 @@ def test_chat_on_a_messages_handle_continues_the_conversation(client, context):
         )
 
 
+def test_repeat_queries_past_the_context_fall_back_to_context_queries(client, tiny_llama_dir):
+    # The served model has 2048 positions: repeating a 1,200-token context would need 2,400.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    text = " ".join(p["context"] for p in documents.squad()["data"][3]["paragraphs"])
+    long_text = tokenizer.decode(tokenizer(text)["input_ids"][:1200])
+    for body in (
+        {"prompt": long_text},
+        {"messages": [{"role": "user", "content": long_text}]},
+    ):
+        handle = _compact(client, ratio=10, **body)
+        assert handle["queries"] == "context", body.keys()
+        assert handle["original_tokens"] >= 1200
+
+
 def test_metrics_count_compactions_handles_and_requests(server, client, context):
     before = metrics(server)
     handle = _compact(client, prompt=context, ratio=10, queries="context")

@@ -226,10 +226,11 @@ class CompactionService:
     ) -> tuple[list[int], tuple[int, int], str]:
         """Tokens to prefill, which positions' queries to keep, and the query source used."""
         total = len(ids)
-        if request.queries == "repeat":
+        # Repeat queries need about 2T positions; past the model's context, fall back to causal
+        # context queries and say so in the answer. Checked before rendering too: the chat
+        # template refuses a conversation longer than the context outright.
+        if request.queries == "repeat" and 2 * total < self.max_model_len:
             repeated = await self._repeated(request, ids)
-            # Repeat queries need about 2T positions; past the context, fall back to causal
-            # context queries and say so in the answer.
             if repeated and len(repeated) + 1 <= self.max_model_len:
                 return repeated, (total, len(repeated)), "repeat"
         return ids, (0, total), "context"
