@@ -155,6 +155,7 @@ def compact(
             [queries.vectors],
             ratio=ratio,
             query_positions=[queries.positions],
+            outside_lse=[queries.outside],
             keep_first=KEEP_FIRST,
             protected=reading.context.protected_spans(),
             method=variant.method,

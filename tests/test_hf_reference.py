@@ -70,11 +70,15 @@ def test_capture_matches_the_models_own_cache(smollm2, read):
 
 
 def test_pool_queries_stacks_each_groups_heads():
-    query = torch.randn(6, 10, 4)
-    pooled = hf.pool_queries(query, 2, 5, kv_heads=2)
+    query, key = torch.randn(6, 10, 4), torch.randn(2, 10, 4)
+    pooled = hf.pool_queries(query, key, 2, 5, 3, 0.5)
     expected = torch.stack([query[3, 2:5], query[4, 2:5], query[5, 2:5]], dim=1).reshape(9, 4)
     torch.testing.assert_close(pooled.vectors[1], expected)
     assert pooled.positions[1].tolist() == [2, 2, 2, 3, 3, 3, 4, 4, 4]
+    # Mass after the context (keys 3..): token 2 sees none, token 4 sees keys 3 and 4.
+    head_5_token_4 = torch.logsumexp(0.5 * query[5, 4] @ key[1, 3:5].T, dim=0)
+    torch.testing.assert_close(pooled.outside[1, 8], head_5_token_4)
+    assert pooled.outside[1, :3].eq(-torch.inf).all()
 
 
 def test_full_prefix_reproduces_the_models_forward(smollm2, read):

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .attention import default_scale, logits
 from .compact import compact_layer
 from .compacted import Compacted
 from .indexing import gather_rows
@@ -22,6 +23,7 @@ def compact_cache(
     ratio: float | None = None,
     query_positions: Sequence[Tensor] | None = None,
     biases: Sequence[Tensor] | None = None,
+    outside_lse: Sequence[Tensor] | None = None,
     keep_first: int = 4,
     protected: Sequence[tuple[int, int]] = (),
     method: str = "am-highest",
@@ -40,6 +42,10 @@ def compact_cache(
         ratio: compression ratio T / budget (e.g. 10 keeps a tenth).
         query_positions: per layer [H_kv, n] positions for causal masking, or None.
         biases: per layer [H_kv, T] bias already on the keys, or None.
+        outside_lse: per layer [H_kv, n] log attention mass of each query on tokens after the
+            context (e.g. the repeat turn it belongs to), or None. The verbatim tokens' share
+            is added here: the fit then weighs each query by how much of its attention the
+            compacted tokens receive.
         method, scale, method_options: passed to ``compact_layer``.
 
     Returns:
@@ -66,6 +72,9 @@ def compact_cache(
         bias = None if biases is None else biases[layer]
         positions = None if query_positions is None else query_positions[layer]
         kept = [_verbatim(k, v, bias, verbatim)]
+        outside = _verbatim_lse(q, kept[0], positions, scale)
+        if outside_lse is not None:
+            outside = torch.logaddexp(outside, outside_lse[layer].float())
         if rest_budget > 0:
             part = compact_layer(
                 k[:, rest],
@@ -80,6 +89,7 @@ def compact_cache(
                 query_positions=None
                 if positions is None
                 else torch.searchsorted(rest, positions.contiguous(), right=True) - 1,
+                outside_lse=outside,
                 **method_options,
             )
             source = torch.where(part.indices >= 0, rest[part.indices.clamp(min=0)], -1)
@@ -130,6 +140,21 @@ def _verbatim(keys: Tensor, values: Tensor, bias: Tensor | None, positions: Tens
         indices=index,
         lengths=torch.full((h,), positions.numel(), dtype=torch.long, device=keys.device),
     )
+
+
+def _verbatim_lse(
+    queries: Tensor, kept: Compacted, positions: Tensor | None, scale: float | None
+) -> Tensor:
+    """[H, n] log of each query's attention mass on the verbatim rows (-inf if it sees none)."""
+    scores = logits(
+        queries,
+        kept.keys,
+        default_scale(kept.keys.shape[-1], scale),
+        kept.bias,
+        positions,
+        kept.indices,
+    )
+    return scores.logsumexp(dim=-1)
 
 
 def _merge(parts: list[Compacted]) -> Compacted:

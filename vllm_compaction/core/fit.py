@@ -16,11 +16,12 @@ from .problem import Problem
 def mass_rows(problem: Problem, weighting: float) -> tuple[Tensor, Tensor]:
     """Row weights u [H, n] and weighted targets z = u * y [H, n] of the mass system.
 
-    u = y^-weighting: 0 fits absolute mass (queries with diffuse attention, large y, dominate),
-    1 fits relative mass error, so a query whose row max dominates counts as much as one with
-    diffuse attention. Queries that see no key get u = 0.
+    u = Y^-weighting, Y the query's whole attention mass (y plus what it spends outside the
+    problem): 0 fits absolute mass (queries with diffuse attention dominate), 1 fits the mass
+    error relative to everything the query sees, so a query whose attention mostly goes to
+    sinks or later tokens barely counts. Queries that see no key get u = 0.
     """
-    u = problem.inverse_mass.pow(float(weighting)).masked_fill_(problem.mass == 0, 0.0)
+    u = problem.inverse_total.pow(float(weighting)).masked_fill_(problem.mass == 0, 0.0)
     return u, u * problem.mass
 
 
@@ -96,22 +97,35 @@ def fit_beta(
 
 
 def fit_values(
-    problem: Problem, indices: Tensor, selected: Tensor, beta: Tensor, *, ridge: float
+    problem: Problem,
+    indices: Tensor,
+    selected: Tensor,
+    beta: Tensor,
+    *,
+    ridge: float,
+    share_weighting: float,
 ) -> Tensor:
     """Compact values C2 [H, t, d_v] (fp32) matching softmax(S) V on the reference queries.
 
     indices: [H, t] kept keys (-1 = padding); selected: [H, n, t] their logits (as for
     ``fit_beta``); beta: [H, t] mass correction on top of the keys' existing bias. Design
     X = softmax over the compact keys only, causally masked by their original positions;
-    queries that see no compact key are dropped. Fits the deviation from the original values
-    with a relative ridge, C2 = V_sel + D, because an unregularised fit can blow values up
-    and hurt unseen queries.
+    queries that see no compact key are dropped. Row i is weighted by share_i^share_weighting
+    (``Problem.share``): an error in the block's output moves the query's output by share_i
+    times as much. Fits the deviation from the original values with a relative ridge,
+    C2 = V_sel + D, because an unregularised fit can blow values up and hurt unseen queries.
     """
     design, total, _ = exp_shifted_(selected + beta[:, None, :])
-    design.mul_(safe_reciprocal(total)[..., None])
+    rows = safe_reciprocal(total)
+    if share_weighting:
+        rows = rows * problem.share.pow(float(share_weighting))
+    design.mul_(rows[..., None])
     kept = gather_rows(problem.values.float(), indices)
     # A query that sees no compact key has an all-zero design row and drops out of X^T R.
-    residual = torch.baddbmm(problem.targets, design, kept, alpha=-1.0)
+    targets = problem.targets
+    if share_weighting:
+        targets = targets * problem.share.pow(float(share_weighting))[..., None]
+    residual = torch.baddbmm(targets, design, kept, alpha=-1.0)
     xt = design.transpose(1, 2)
     lengths = (indices >= 0).sum(dim=1)
     return kept + ridge_solve(torch.bmm(xt, design), torch.bmm(xt, residual), lengths, ridge)

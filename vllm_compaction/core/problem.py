@@ -26,6 +26,7 @@ class _Statistics:
 
     shift: Tensor
     mass: Tensor
+    inverse_total: Tensor
     targets: Tensor
     squares: Tensor
 
@@ -45,6 +46,10 @@ class Problem:
         query_positions: [H, n] long position of each query, or None (queries see every key).
         budgets: [H] long number of keys to keep per head.
         scale: softmax scale.
+        outside: [H, n] log of the attention mass each query spends on keys outside this
+            problem (sinks and template tokens kept verbatim, tokens after the context), or
+            None (these keys are all it sees). Softmax weights are normalised over
+            everything a query sees, so a query that mostly looks elsewhere counts little.
     """
 
     keys: Tensor
@@ -54,6 +59,7 @@ class Problem:
     query_positions: Tensor | None
     budgets: Tensor
     scale: float
+    outside: Tensor | None = None
 
     def logits(self, indices: Tensor) -> Tensor:
         """fp32 logits [H, n, t] of the queries against the keys at ``indices`` [H, t].
@@ -105,15 +111,21 @@ class Problem:
         values = self.values.float()
         shift = self.queries.new_zeros(heads, n, dtype=torch.float32)
         mass = torch.zeros_like(shift)
+        inverse_total = torch.zeros_like(shift)
         targets = values.new_zeros(heads, n, values.shape[-1])
         squares = torch.zeros_like(self.bias)
         for rows, seen, block, sums, shifts in self._blocks():
             shift[:, rows], mass[:, rows] = shifts, sums
             inv = safe_reciprocal(sums)
+            total = inv
+            if self.outside is not None:
+                elsewhere = (self.outside[:, rows] - shifts).exp_()
+                total = safe_reciprocal(sums + elsewhere).masked_fill_(sums == 0, 0.0)
+            inverse_total[:, rows] = total
             targets[:, rows] = torch.bmm(block, values[:, :seen]).mul_(inv[..., None])
-            # sum_i (E_ij / y_i)^2 as one product, squaring E in place (its last use).
-            squares[:, :seen] += torch.bmm(inv.square()[:, None, :], block.square_()).squeeze(1)
-        return _Statistics(shift=shift, mass=mass, targets=targets, squares=squares)
+            # sum_i (E_ij / total_i)^2 as one product, squaring E in place (its last use).
+            squares[:, :seen] += torch.bmm(total.square()[:, None, :], block.square_()).squeeze(1)
+        return _Statistics(shift, mass, inverse_total, targets, squares)
 
     @cached_property
     def weights(self) -> Tensor:
@@ -143,19 +155,31 @@ class Problem:
         return safe_reciprocal(self.mass)
 
     @property
+    def inverse_total(self) -> Tensor:
+        """[H, n] 1 / (y + mass outside, in the units of E): softmax weights are E times this.
+        Equal to ``inverse_mass`` without ``outside``; 0 for queries that see no key here."""
+        return self._statistics.inverse_total
+
+    @property
+    def share(self) -> Tensor:
+        """[H, n] the fraction of each query's attention that falls on these keys (1 without
+        ``outside``): how much of its output the compacted block decides."""
+        return self.mass * self.inverse_total
+
+    @property
     def targets(self) -> Tensor:
         """Y [H, n, d_v] = softmax(S) V in fp32 (zero rows for queries that see no key)."""
         return self._statistics.targets
 
     def mean_attention(self, rows: slice = slice(None)) -> Tensor:
         """[H, T] mean softmax weight of each key over the query ``rows`` that see any key."""
-        inv = self.inverse_mass[:, rows]
+        inv = self.inverse_total[:, rows]
         total = torch.bmm(inv[:, None, :], self.weights[:, rows]).squeeze(1)
         return total / (inv > 0).sum(dim=1, keepdim=True).clamp_min(1)
 
     def rms_attention(self) -> Tensor:
         """[H, T] root-mean-square softmax weight of each key over the queries that see any key."""
-        count = (self.inverse_mass > 0).sum(dim=1, keepdim=True).clamp_min(1)
+        count = (self.inverse_total > 0).sum(dim=1, keepdim=True).clamp_min(1)
         return (self._statistics.squares / count).sqrt_()
 
     @cached_property

@@ -30,6 +30,7 @@ def check_inputs(
     budget: int | Tensor,
     bias: Tensor | None,
     query_positions: Tensor | None,
+    outside_lse: Tensor | None = None,
 ) -> Tensor:
     """Validate one layer's inputs; return the per-head budgets as a LongTensor [H]."""
     keys = _check_tensor("keys", keys, 3, "[H_kv, T, d]")
@@ -61,6 +62,15 @@ def check_inputs(
             )
         if query_positions.is_floating_point() or query_positions.dtype == torch.bool:
             raise ValueError(f"query_positions must be integers, got {query_positions.dtype}")
+    if outside_lse is not None:
+        outside_lse = _check_tensor("outside_lse", outside_lse, 2, "[H_kv, n]")
+        if outside_lse.shape != queries.shape[:2]:
+            raise ValueError(
+                f"outside_lse must be [H_kv, n] = {tuple(queries.shape[:2])}, "
+                f"got {tuple(outside_lse.shape)}"
+            )
+        if not outside_lse.is_floating_point() or not (outside_lse < math.inf).all():
+            raise ValueError("outside_lse must be floating point without NaN or +inf")
     return _budgets(budget, h, t, keys.device)
 
 

@@ -26,8 +26,8 @@ from transformers import AttentionInterface, PreTrainedModel
 
 ATTN_IMPLEMENTATION = "vllm_compaction"
 
-# Called as recorder(layer_idx, query [Hq, L, d], key [H_kv, L, d], value [H_kv, L, d]).
-Recorder = Callable[[int, Tensor, Tensor, Tensor], None]
+# Called as recorder(layer_idx, query [Hq, L, d], key [H_kv, L, d], value [H_kv, L, d], scaling).
+Recorder = Callable[[int, Tensor, Tensor, Tensor, float], None]
 
 
 class PrefixLayer(Protocol):
@@ -87,7 +87,7 @@ def compaction_attention(
         raise NotImplementedError("sliding-window layers are not supported by the reference path")
     layer = module.layer_idx
     if compaction_recorder is not None:
-        compaction_recorder(layer, query[0], key[0], value[0])
+        compaction_recorder(layer, query[0], key[0], value[0], scaling)
     groups = query.shape[1] // key.shape[1]
     if compaction_prefix is None:
         out = nn.functional.scaled_dot_product_attention(

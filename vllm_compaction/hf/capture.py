@@ -21,10 +21,14 @@ class Queries:
         vectors: [H_kv, n, d]; with grouped-query attention the query heads of a group are
             pooled along n, token-major (token 0's G heads, then token 1's, ...).
         positions: [H_kv, n] long position of each query's token (for causal fits).
+        outside: [H_kv, n] log attention mass of each query on the tokens after the context
+            (up to its own), -inf for queries inside the context (``compact_cache``'s
+            ``outside_lse``).
     """
 
     vectors: Tensor
     positions: Tensor
+    outside: Tensor
 
     @staticmethod
     def cat(parts: Sequence[Queries]) -> Queries:
@@ -32,6 +36,7 @@ class Queries:
         return Queries(
             vectors=torch.cat([p.vectors for p in parts], dim=1),
             positions=torch.cat([p.positions for p in parts], dim=1),
+            outside=torch.cat([p.outside for p in parts], dim=1),
         )
 
 
@@ -52,19 +57,51 @@ class LayerCapture:
         return Prefix(self.keys, self.keys.new_zeros(self.keys.shape[:2]), self.values)
 
 
-def pool_queries(query: Tensor, start: int, end: int, kv_heads: int) -> Queries:
-    """Tokens [start, end) of query [Hq, L, d] pooled into `kv_heads` groups -> [H_kv, m*G, d].
+def _pool(per_head: Tensor, kv_heads: int) -> Tensor:
+    """[Hq, m, ...] -> [H_kv, m*G, ...], token-major within each group."""
+    heads, tokens = per_head.shape[:2]
+    groups = heads // kv_heads
+    grouped = per_head.reshape(kv_heads, groups, tokens, *per_head.shape[2:]).transpose(1, 2)
+    return grouped.reshape(kv_heads, tokens * groups, *per_head.shape[2:])
+
+
+def _after_context_lse(
+    query: Tensor, key: Tensor, start: int, end: int, context_len: int, scaling: float
+) -> Tensor:
+    """[Hq, m] log attention mass of queries [start, end) on keys [context_len, own position]."""
+    heads = query.shape[0]
+    out = query.new_full((heads, end - start), -torch.inf, dtype=torch.float32)
+    if end <= context_len:
+        return out
+    groups = heads // key.shape[0]
+    keys = key[:, context_len:end].float()
+    future = torch.arange(context_len, end)[None, :] > torch.arange(start, end)[:, None]
+    for head in range(heads):  # one [m, L] score matrix at a time
+        scores = query[head, start:end].float() @ keys[head // groups].T * scaling
+        out[head] = scores.masked_fill_(future.to(scores.device), -torch.inf).logsumexp(-1)
+    return out
+
+
+def pool_queries(
+    query: Tensor,
+    key: Tensor,
+    start: int,
+    end: int,
+    context_len: int,
+    scaling: float,
+) -> Queries:
+    """Tokens [start, end) of query [Hq, L, d] pooled into key [H_kv, L, d]'s KV heads:
+    [H_kv, m*G, d], with their mass on the keys after the first `context_len`.
 
     Token-major: the G query heads of a token are adjacent, so the last rows are the last tokens.
     """
-    heads, _, dim = query.shape
-    groups = heads // kv_heads
-    tokens = end - start
-    grouped = query[:, start:end].reshape(kv_heads, groups, tokens, dim).transpose(1, 2)
+    kv_heads = key.shape[0]
+    groups = query.shape[0] // kv_heads
     positions = torch.arange(start, end, device=query.device).repeat_interleave(groups)
     return Queries(
-        vectors=grouped.reshape(kv_heads, tokens * groups, dim).clone(),
+        vectors=_pool(query[:, start:end], kv_heads).clone(),
         positions=positions.expand(kv_heads, -1).contiguous(),
+        outside=_pool(_after_context_lse(query, key, start, end, context_len, scaling), kv_heads),
     )
 
 
@@ -76,13 +113,14 @@ class _Recorder:
         self.query_ranges = dict(query_ranges)
         self.layers: dict[int, LayerCapture] = {}
 
-    def __call__(self, layer: int, query: Tensor, key: Tensor, value: Tensor) -> None:
-        kv_heads = key.shape[0]
+    def __call__(
+        self, layer: int, query: Tensor, key: Tensor, value: Tensor, scaling: float
+    ) -> None:
         self.layers[layer] = LayerCapture(
             keys=key[:, : self.context_len].clone(),
             values=value[:, : self.context_len].clone(),
             queries={
-                name: pool_queries(query, start, end, kv_heads)
+                name: pool_queries(query, key, start, end, self.context_len, scaling)
                 for name, (start, end) in self.query_ranges.items()
             },
         )

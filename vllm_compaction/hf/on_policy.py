@@ -33,9 +33,14 @@ class _LayerByLayer:
         self.queries: dict[int, Queries] = {}
         self.compacted: dict[int, PrefixLayer] = {}
 
-    def __call__(self, layer: int, query: Tensor, key: Tensor, value: Tensor) -> None:
-        pooled = pool_queries(query, 0, query.shape[1], key.shape[0])
-        self.queries[layer] = Queries(pooled.vectors, pooled.positions + self.context_len)
+    def __call__(
+        self, layer: int, query: Tensor, key: Tensor, value: Tensor, scaling: float
+    ) -> None:
+        # Here the reference tokens are all there is: every key passed in is after the context.
+        pooled = pool_queries(query, key, 0, query.shape[1], 0, scaling)
+        self.queries[layer] = Queries(
+            pooled.vectors, pooled.positions + self.context_len, pooled.outside
+        )
 
     def __len__(self) -> int:
         return self.layers

@@ -76,6 +76,8 @@ class AttentionMatching(Method):
         mass_ridge: relative ridge of the mass solve (toward w = 1, i.e. keep the original).
         mass_steps: projected-gradient steps after clamping w into bounds.
         value_ridge: relative ridge of the value fit (toward the original values).
+        share_weighting: value-fit rows weighted by share^share_weighting, share = the part
+            of a query's attention on the compacted keys (needs ``outside`` masses).
     """
 
     beta_min: float = -3.0
@@ -84,6 +86,7 @@ class AttentionMatching(Method):
     mass_ridge: float = 1e-6
     mass_steps: int = 20
     value_ridge: float = 1e-2
+    share_weighting: float = 1.0
 
     def build(self, problem: Problem, indices: Tensor) -> Compacted:
         selected = problem.logits(indices)  # shared by both fits
@@ -97,7 +100,14 @@ class AttentionMatching(Method):
             ridge=self.mass_ridge,
             steps=self.mass_steps,
         )
-        values = fit_values(problem, indices, selected, beta, ridge=self.value_ridge)
+        values = fit_values(
+            problem,
+            indices,
+            selected,
+            beta,
+            ridge=self.value_ridge,
+            share_weighting=self.share_weighting,
+        )
         return _compacted(problem, indices, beta, values)
 
 
