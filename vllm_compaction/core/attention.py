@@ -49,6 +49,35 @@ def logits(
     return out
 
 
+def log_mass(
+    queries: Tensor,
+    keys: Tensor,
+    scale: float,
+    bias: Tensor | None = None,
+    query_positions: Tensor | None = None,
+    key_positions: Tensor | None = None,
+    rows: int = 1024,
+) -> Tensor:
+    """[H, n] log sum_j exp(logit_ij) over the keys each query sees (-inf if none).
+
+    The attention mass reference queries spend on keys that are not compacted (sinks, template
+    tokens, the tokens after the context): ``compact_layer``'s ``outside_lse``. Arguments as
+    for ``logits``; formed ``rows`` queries at a time.
+    """
+    out = [
+        logits(
+            queries[:, start : start + rows],
+            keys,
+            scale,
+            bias,
+            None if query_positions is None else query_positions[:, start : start + rows],
+            key_positions,
+        ).logsumexp(dim=-1)
+        for start in range(0, queries.shape[1], rows)
+    ]
+    return torch.cat(out, dim=1)
+
+
 def exp_shifted_(scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """In place: ``scores`` [H, n, T] -> exp(scores - row max), the row sums and the shifts.
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .attention import default_scale, logits
+from .attention import default_scale, log_mass
 from .compact import compact_layer
 from .compacted import Compacted
 from .indexing import gather_rows
@@ -146,15 +146,8 @@ def _verbatim_lse(
     queries: Tensor, kept: Compacted, positions: Tensor | None, scale: float | None
 ) -> Tensor:
     """[H, n] log of each query's attention mass on the verbatim rows (-inf if it sees none)."""
-    scores = logits(
-        queries,
-        kept.keys,
-        default_scale(kept.keys.shape[-1], scale),
-        kept.bias,
-        positions,
-        kept.indices,
-    )
-    return scores.logsumexp(dim=-1)
+    scale = default_scale(kept.keys.shape[-1], scale)
+    return log_mass(queries, kept.keys, scale, kept.bias, positions, kept.indices)
 
 
 def _merge(parts: list[Compacted]) -> Compacted:

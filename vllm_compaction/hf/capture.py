@@ -10,6 +10,8 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from vllm_compaction.core import log_mass
+
 from .attention import ATTN_IMPLEMENTATION, Prefix, attention_implementation
 
 
@@ -57,31 +59,6 @@ class LayerCapture:
         return Prefix(self.keys, self.keys.new_zeros(self.keys.shape[:2]), self.values)
 
 
-def _pool(per_head: Tensor, kv_heads: int) -> Tensor:
-    """[Hq, m, ...] -> [H_kv, m*G, ...], token-major within each group."""
-    heads, tokens = per_head.shape[:2]
-    groups = heads // kv_heads
-    grouped = per_head.reshape(kv_heads, groups, tokens, *per_head.shape[2:]).transpose(1, 2)
-    return grouped.reshape(kv_heads, tokens * groups, *per_head.shape[2:])
-
-
-def _after_context_lse(
-    query: Tensor, key: Tensor, start: int, end: int, context_len: int, scaling: float
-) -> Tensor:
-    """[Hq, m] log attention mass of queries [start, end) on keys [context_len, own position]."""
-    heads = query.shape[0]
-    out = query.new_full((heads, end - start), -torch.inf, dtype=torch.float32)
-    if end <= context_len:
-        return out
-    groups = heads // key.shape[0]
-    keys = key[:, context_len:end].float()
-    future = torch.arange(context_len, end)[None, :] > torch.arange(start, end)[:, None]
-    for head in range(heads):  # one [m, L] score matrix at a time
-        scores = query[head, start:end].float() @ keys[head // groups].T * scaling
-        out[head] = scores.masked_fill_(future.to(scores.device), -torch.inf).logsumexp(-1)
-    return out
-
-
 def pool_queries(
     query: Tensor,
     key: Tensor,
@@ -95,14 +72,17 @@ def pool_queries(
 
     Token-major: the G query heads of a token are adjacent, so the last rows are the last tokens.
     """
+    heads, _, dim = query.shape
     kv_heads = key.shape[0]
-    groups = query.shape[0] // kv_heads
+    groups = heads // kv_heads
+    tokens = end - start
+    grouped = query[:, start:end].reshape(kv_heads, groups, tokens, dim).transpose(1, 2)
+    vectors = grouped.reshape(kv_heads, tokens * groups, dim).clone()
     positions = torch.arange(start, end, device=query.device).repeat_interleave(groups)
-    return Queries(
-        vectors=_pool(query[:, start:end], kv_heads).clone(),
-        positions=positions.expand(kv_heads, -1).contiguous(),
-        outside=_pool(_after_context_lse(query, key, start, end, context_len, scaling), kv_heads),
-    )
+    positions = positions.expand(kv_heads, -1).contiguous()
+    after = torch.arange(context_len, max(context_len, end), device=key.device)
+    outside = log_mass(vectors, key[:, after], scaling, None, positions, after.expand(kv_heads, -1))
+    return Queries(vectors=vectors, positions=positions, outside=outside)
 
 
 class _Recorder:
