@@ -34,3 +34,14 @@ def test_serve_default_model_answers_completion_and_chat(smollm2_dir, tmp_path):
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="no-such-model", prompt="hi", max_tokens=1)
     assert "vllm-compaction plugin loaded" in log.read_text()
+
+
+def test_tensor_parallel_workers_get_their_own_cpus_on_one_numa_node():
+    from vllm_compaction.cli import thread_binding
+
+    assert thread_binding(1, [0, 1], 1) == "auto"
+    assert thread_binding(2, [0, 1, 2, 3], 2) == "auto"  # a node each: vLLM's own binding
+    assert thread_binding(2, [0, 1], 1) == "0|1"
+    assert thread_binding(2, [0, 2, 4, 6, 7], 1) == "0,2|4,6"
+    with pytest.raises(ValueError, match="need 4 CPUs"):
+        thread_binding(4, [0, 1], 1)

@@ -34,6 +34,7 @@ from tests.test_engine_compaction import (
     _use,
 )
 from vllm_compaction import documents, hf, store
+from vllm_compaction.cli import thread_binding
 from vllm_compaction.core.methods import METHODS
 from vllm_compaction.engine import CONNECTOR_CONFIG, WORKER_EXTENSION, worker
 from vllm_compaction.engine.state import Capture, Handle
@@ -45,20 +46,13 @@ from vllm_compaction.server.registry import HandleRegistry, Limits
 ACROSS_SIZES = 1e-4
 
 
-def _thread_binding(ranks: int) -> str:
-    """One disjoint CPU set per rank: vLLM's "auto" binding wants a NUMA node per rank."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < ranks:
-        raise RuntimeError(f"tensor parallelism over {ranks} ranks needs {ranks} CPUs here")
-    share = len(cpus) // ranks
-    return "|".join(",".join(map(str, cpus[r * share : (r + 1) * share])) for r in range(ranks))
-
-
 def _engine(model: Path, ranks: int):
     from vllm.config import KVTransferConfig
 
     with pytest.MonkeyPatch.context() as env:
-        env.setenv("VLLM_CPU_OMP_THREADS_BIND", _thread_binding(ranks))
+        # What `vllm-compaction serve` does on one NUMA node (vLLM's "auto" wants one per rank).
+        cpus = sorted(os.sched_getaffinity(0))
+        env.setenv("VLLM_CPU_OMP_THREADS_BIND", thread_binding(ranks, cpus, numa_nodes=1))
         return in_process_llm(
             model,
             block_size=BLOCK,
@@ -148,8 +142,8 @@ def test_served_at_tp2_handles_reload_from_rank_files_and_one_worker_refuses_the
 ):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     first, second = (tokenizer.decode(ids) for ids in (texts[0], texts[0][::-1]))
+    # No VLLM_CPU_OMP_THREADS_BIND: `vllm-compaction serve` binds the two ranks itself.
     env = {
-        "VLLM_CPU_OMP_THREADS_BIND": _thread_binding(2),
         # Room for one handle: making the second drops the first from both workers' memory.
         "VLLM_COMPACTION_MEMORY_BYTES": str(TINY_HANDLE_BYTES * 3 // 2),
     }

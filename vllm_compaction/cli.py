@@ -27,7 +27,6 @@ SERVE_DEFAULTS = [
 SERVE_ENV = {
     # Allow-list over every vLLM plugin group: ours, and nothing that happens to be installed.
     "VLLM_PLUGINS": "compaction",
-    "VLLM_CPU_OMP_THREADS_BIND": "auto",
 }
 
 
@@ -55,8 +54,33 @@ def serve_command(argv: list[str]) -> list[str]:
     return cmd + SERVE_DEFAULTS + argv
 
 
+def thread_binding(ranks: int, cpus: list[int], numa_nodes: int) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for `ranks` CPU workers: "auto" (a NUMA node each) when there
+    are enough nodes, else the allowed CPUs cut into `ranks` equal lists ("0,1|2,3"), which
+    vLLM's "auto" refuses to do on a single node."""
+    if ranks <= 1 or numa_nodes >= ranks:
+        return "auto"
+    if len(cpus) < ranks:
+        raise ValueError(f"{ranks} tensor-parallel workers need {ranks} CPUs, {len(cpus)} allowed")
+    share = len(cpus) // ranks
+    parts = [cpus[i * share : (i + 1) * share] for i in range(ranks)]
+    return "|".join(",".join(map(str, part)) for part in parts)
+
+
+def _tensor_parallel_size(argv: list[str]) -> int:
+    for i, item in enumerate(argv):
+        if item in ("--tensor-parallel-size", "-tp") and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if item.startswith("--tensor-parallel-size="):
+            return int(item.split("=", 1)[1])
+    return 1
+
+
 def _serve(argv: list[str]) -> None:
-    env = {**SERVE_ENV, **os.environ}
+    nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
+    cpus = sorted(os.sched_getaffinity(0))
+    binding = thread_binding(_tensor_parallel_size(argv), cpus, nodes)
+    env = {**SERVE_ENV, "VLLM_CPU_OMP_THREADS_BIND": binding, **os.environ}
     for option, variable in OWN_OPTIONS.items():
         argv, value = _take_option(argv, option)
         if value is None:
