@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -55,6 +56,8 @@ class Variant:
 
     on_policy: fit each layer on the repeat queries as they arise once the layers below are
     compacted (one extra forward over the repeat turns per compaction).
+    outside: weigh each query by the share of its attention on the compacted rows (the mass
+    on verbatim tokens and on its own turn passed as ``outside_lse``).
     """
 
     name: str
@@ -62,21 +65,23 @@ class Variant:
     sources: tuple[str, ...] = SOURCES
     on_policy: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    outside: bool = False
 
     @staticmethod
     def parse(spec: str) -> Variant:
-        """'name=method' or 'name=method:{json}'; the json may also hold "sources": [...] and
-        "on_policy": true next to the core options."""
+        """'name=method' or 'name=method:{json}'; the json may also hold "sources": [...],
+        "on_policy": true and "outside": true next to the core options."""
         name, _, rest = spec.partition("=")
         method, _, raw = rest.partition(":")
         options = json.loads(raw) if raw else {}
         sources = tuple(options.pop("sources", SOURCES))
         on_policy = bool(options.pop("on_policy", False))
+        outside = bool(options.pop("outside", False))
         if method not in METHODS or not set(sources) <= {"context", "repeat"}:
             raise argparse.ArgumentTypeError(f"bad variant {spec!r}")
         if on_policy and "repeat" not in sources:
             raise argparse.ArgumentTypeError(f"on_policy needs repeat queries: {spec!r}")
-        return Variant(name, method, sources, on_policy, options)
+        return Variant(name, method, sources, on_policy, options, outside)
 
 
 @dataclass(frozen=True)
@@ -126,6 +131,24 @@ def read_article(
     )
 
 
+def cached_reading(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    index: int,
+    args: argparse.Namespace,
+) -> Reading:
+    """`read_article`, kept in --readings DIR when given (tuning reruns skip the forward)."""
+    if args.readings is None:
+        return read_article(model, tokenizer, index, args.max_tokens, args.questions)
+    path = Path(args.readings) / f"{args.model}-a{index}-{args.max_tokens}-{args.questions}.pt"
+    if path.is_file():
+        return torch.load(path, weights_only=False)  # our own cache: trusted pickles
+    reading = read_article(model, tokenizer, index, args.max_tokens, args.questions)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(reading, path)
+    return reading
+
+
 def answer_nll(
     model: PreTrainedModel,
     prefix: Sequence[hf.PrefixLayer] | None,
@@ -157,7 +180,7 @@ def compact(
             [queries.vectors],
             ratio=ratio,
             query_positions=[queries.positions],
-            outside_lse=[queries.outside],
+            outside_lse=[queries.outside] if variant.outside else None,
             keep_first=KEEP_FIRST,
             protected=reading.context.protected_spans(),
             method=variant.method,
@@ -182,7 +205,7 @@ def run_article(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """NLLs of every condition on one article (JSON-ready)."""
-    reading = read_article(model, tokenizer, index, args.max_tokens, args.questions)
+    reading = cached_reading(model, tokenizer, index, args)
     t = len(reading.context)
     logger.info("article %d %r: T=%d, read in %.1fs", index, reading.title, t, reading.seconds)
     none, none_each = answer_nll(model, None, 0, reading.bare_turns)
@@ -327,6 +350,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--tag", default="fidelity", help="name of the result files and doc section"
     )
     parser.add_argument("--no-doc", action="store_true", help="do not update the docs table")
+    parser.add_argument(
+        "--readings", help="folder to keep each article's captured reading in and reuse it from"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.articles, args.ratios = QUICK_ARTICLES, list(QUICK_RATIOS)

@@ -57,17 +57,24 @@ def test_no_mass_outside_is_the_same_as_none(method: str) -> None:
         assert torch.equal(getattr(none, field), getattr(same, field)), field
 
 
-def test_compact_cache_counts_the_verbatim_rows_as_outside() -> None:
+def test_compact_cache_counts_the_verbatim_rows_as_outside_when_asked() -> None:
     keys, values, queries = _two_audiences(2)
     keep = 3
-    cached = compact_cache([keys], [values], [queries], 12, keep_first=keep)[0]
-    verbatim = _block_lse(keys[:, :keep], queries)
-    direct = compact_layer(
-        keys[:, keep:], values[:, keep:], queries, 12 - keep, outside_lse=verbatim
+    nothing_after = [torch.full(queries.shape[:2], -math.inf)]
+    asked = compact_cache(
+        [keys], [values], [queries], 12, keep_first=keep, outside_lse=nothing_after
     )
-    assert torch.equal(cached.indices[0, keep:], direct.indices[0] + keep)
-    torch.testing.assert_close(cached.bias[:, keep:], direct.bias, rtol=0, atol=0)
-    torch.testing.assert_close(cached.values[:, keep:], direct.values, rtol=0, atol=0)
+    plain = compact_cache([keys], [values], [queries], 12, keep_first=keep)
+    verbatim = _block_lse(keys[:, :keep], queries)
+    rest = (keys[:, keep:], values[:, keep:], queries, 12 - keep)
+    for cached, direct in (
+        (asked[0], compact_layer(*rest, outside_lse=verbatim)),
+        (plain[0], compact_layer(*rest)),
+    ):
+        assert torch.equal(cached.indices[0, keep:], direct.indices[0] + keep)
+        assert torch.equal(cached.bias[:, keep:], direct.bias)
+        assert torch.equal(cached.values[:, keep:], direct.values)
+    assert not torch.equal(asked[0].values, plain[0].values)
 
 
 def test_outside_lse_is_validated() -> None:

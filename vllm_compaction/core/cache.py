@@ -43,9 +43,11 @@ def compact_cache(
         query_positions: per layer [H_kv, n] positions for causal masking, or None.
         biases: per layer [H_kv, T] bias already on the keys, or None.
         outside_lse: per layer [H_kv, n] log attention mass of each query on tokens after the
-            context (e.g. the repeat turn it belongs to), or None. The verbatim tokens' share
-            is added here: the fit then weighs each query by how much of its attention the
-            compacted tokens receive.
+            context (e.g. the repeat turn it belongs to; -inf for none). When given, the mass
+            on the verbatim rows is added and the fit weighs each query by the share of its
+            attention the compacted rows receive (``compact_layer``'s ``outside_lse``). None
+            (the default; it kept more answer likelihood on SQuAD, docs/benchmarks-core.md):
+            each query counts by its attention among the compacted rows alone.
         method, scale, method_options: passed to ``compact_layer``.
 
     Returns:
@@ -72,9 +74,10 @@ def compact_cache(
         bias = None if biases is None else biases[layer]
         positions = None if query_positions is None else query_positions[layer]
         kept = [_verbatim(k, v, bias, verbatim)]
-        outside = _verbatim_lse(q, kept[0], positions, scale)
+        outside = None
         if outside_lse is not None:
-            outside = torch.logaddexp(outside, outside_lse[layer].float())
+            verbatim_lse = _verbatim_lse(q, kept[0], positions, scale)
+            outside = torch.logaddexp(verbatim_lse, outside_lse[layer].float())
         if rest_budget > 0:
             part = compact_layer(
                 k[:, rest],

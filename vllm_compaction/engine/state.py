@@ -58,17 +58,14 @@ class Capture:
     def layers(self) -> list[int]:
         return sorted(self.chunks)
 
-    def rows(self, layer: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Keys, values [T, Hkv, D] of the context, queries [m, Hq, D] of the query range and
-        the keys [m', Hkv, D] after the context up to its end (the repeat turn the queries
-        read along with the context; m' = 0 for context queries), by position (a position
-        recorded twice keeps its last rows)."""
+    def rows(self, layer: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys, values [T, Hkv, D] of the context and queries [m, Hq, D] of the query range,
+        by position (a position recorded twice keeps its last rows)."""
         chunks = self.chunks[layer]
         _, q0, k0, _ = chunks[0]
         keys = k0.new_empty((self.context_len, *k0.shape[1:]))
         values = torch.empty_like(keys)
         queries = q0.new_empty((self.query_end - self.query_start, *q0.shape[1:]))
-        later = k0.new_empty((max(0, self.query_end - self.context_len), *k0.shape[1:]))
         seen_kv = torch.zeros(self.context_len, dtype=torch.bool)
         seen_q = torch.zeros(queries.shape[0], dtype=torch.bool)
         for positions, q, k, v in chunks:
@@ -79,11 +76,9 @@ class Capture:
             wanted = (positions >= self.query_start) & (positions < self.query_end)
             queries[positions[wanted] - self.query_start] = q[wanted]
             seen_q[positions[wanted] - self.query_start] = True
-            after = (positions >= self.context_len) & (positions < self.query_end)
-            later[positions[after] - self.context_len] = k[after]
         if not (seen_kv.all() and seen_q.all()):
             raise RuntimeError("the capture is missing positions (was the prefill cut short?)")
-        return keys, values, queries, later
+        return keys, values, queries
 
 
 @dataclass

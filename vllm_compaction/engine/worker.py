@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from vllm_compaction import store
-from vllm_compaction.core import compact_cache, log_mass
+from vllm_compaction.core import compact_cache
 from vllm_compaction.engine.rope import shift_positions
 from vllm_compaction.engine.state import STATE, Capture, Handle
 
@@ -89,14 +89,13 @@ def _compacted_handle(
     """Compact every layer, re-rotate the keys to the handle's slot positions and pad them to
     whole blocks (padding bias -inf)."""
     began = time.perf_counter()
-    keys, values, queries, positions, outside = _stack(capture)
+    keys, values, queries, positions = _stack(capture)
     compacted = compact_cache(
         keys,
         values,
         queries,
         budget=options["budget"],
         query_positions=positions if options.get("causal") else None,
-        outside_lse=outside,
         keep_first=options.get("keep_first", 4),
         protected=[tuple(span) for span in options.get("protected", [])],
         method=options.get("method", "am-highest"),
@@ -114,14 +113,13 @@ def _compacted_handle(
     return handle, {"slots": slots, "bytes": size, "compact_s": time.perf_counter() - began}
 
 
-def _stack(capture: Capture) -> tuple[list, list, list, list, list]:
-    """Per layer: keys/values [Hkv, T, D], queries pooled per KV head [Hkv, m*g, D], their
-    positions [Hkv, m*g] and their log attention mass on the tokens after the context."""
-    keys, values, queries, positions, outside = [], [], [], [], []
+def _stack(capture: Capture) -> tuple[list, list, list, list]:
+    """Per layer: keys/values [Hkv, T, D], queries pooled per KV head [Hkv, m*g, D] and their
+    positions [Hkv, m*g]."""
+    keys, values, queries, positions = [], [], [], []
     span = torch.arange(capture.query_start, capture.query_end)
-    after = torch.arange(capture.context_len, max(capture.context_len, capture.query_end))
     for layer in capture.layers():
-        k, v, q, later = capture.rows(layer)
+        k, v, q = capture.rows(layer)
         heads, group = k.shape[1], q.shape[1] // k.shape[1]
         keys.append(k.transpose(0, 1))
         values.append(v.transpose(0, 1))
@@ -129,17 +127,7 @@ def _stack(capture: Capture) -> tuple[list, list, list, list, list]:
         pooled = q.reshape(q.shape[0], heads, group, -1).permute(1, 2, 0, 3)
         queries.append(pooled.reshape(heads, group * q.shape[0], -1))
         positions.append(span.repeat(group)[None].expand(heads, -1))
-        outside.append(
-            log_mass(
-                queries[-1],
-                later.transpose(0, 1),
-                1.0 / math.sqrt(k.shape[-1]),
-                None,
-                positions[-1],
-                after.expand(heads, -1),
-            )
-        )
-    return keys, values, queries, positions, outside
+    return keys, values, queries, positions
 
 
 def _check_fits(handle: Handle, vllm_config: Any) -> None:
