@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,6 +49,8 @@ def served(
     port = free_port()
     cli = Path(sys.executable).with_name("vllm-compaction")
     cmd = [*(command or [str(cli), "serve", *args]), "--host", "127.0.0.1", "--port", str(port)]
+    if shutil.which("setpriv"):  # a SIGKILLed pytest must not leave servers holding GBs behind
+        cmd = ["setpriv", "--pdeathsig", "TERM", "--", *cmd]
     with log.open("w") as out:
         proc = subprocess.Popen(
             cmd,
