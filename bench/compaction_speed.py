@@ -28,7 +28,7 @@ from vllm_compaction import documents, hf
 from vllm_compaction.core import compact_cache
 from vllm_compaction.models import pull
 
-from .report import markdown_table, update_doc, write_json
+from .output import markdown_table, update_doc, write_json
 
 logger = logging.getLogger("bench.compaction_speed")
 

@@ -156,7 +156,7 @@ def measure(core: SimpleNamespace, layers: list[Layer], repeats: int) -> dict[st
 
 
 def table(before: dict[str, float], after: dict[str, float]) -> str:
-    from .report import markdown_table
+    from .output import markdown_table
 
     rows = [[k, before[k], after[k], f"{before[k] / after[k]:.1f}x"] for k in (*STAGES, "total")]
     rows[-1][0] = "compact_layer total"
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "core": str(Path(core.compact.__file__).parent),
     }
-    from .report import RESULTS, update_doc, write_json
+    from .output import RESULTS, update_doc, write_json
 
     write_json(f"compaction_stages-{args.label}", {"config": config, **result})
     paths = {label: RESULTS / f"compaction_stages-{label}.json" for label in ("before", "after")}

@@ -36,7 +36,7 @@ from vllm_compaction import documents, hf
 from vllm_compaction.core import METHODS, Compacted, compact_cache
 from vllm_compaction.models import pull
 
-from .report import RESULTS, markdown_table, parse_indices, update_doc, write_json
+from .output import RESULTS, markdown_table, parse_indices, update_doc, write_json
 
 logger = logging.getLogger("bench.fidelity")
 

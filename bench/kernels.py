@@ -32,7 +32,7 @@ from tests.kernels.test_cpu_attention import paged_cache, random_sequence
 from vllm_compaction.engine.attention import attend_torch
 from vllm_compaction.kernels import cpu
 
-from .report import markdown_table, write_json
+from .output import markdown_table, write_json
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 9, 3, 64, 128
 TARGET = 1.3  # issue 6: the native kernel at most 1.3x the stock kernel's time

@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 from transformers import AutoTokenizer
 
-from bench.report import markdown_table, write_json
+from bench.output import markdown_table, write_json
 from tests.server import served
 from vllm_compaction import documents, models
 from vllm_compaction.cli import SERVE_ENV
