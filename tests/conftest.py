@@ -27,3 +27,17 @@ def tiny_llama_dir() -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         build_tiny_llama(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def texts(tiny_llama_dir) -> tuple[list[int], list[int]]:
+    """A 300-token SQuAD context and a question suffix, as the tiny model's token ids."""
+    from transformers import AutoTokenizer
+
+    from vllm_compaction import documents
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    paragraphs = documents.squad()["data"][1]["paragraphs"]
+    context = tokenizer(" ".join(p["context"] for p in paragraphs[:6]))["input_ids"]
+    suffix = tokenizer(" Question: who is named in the text? Answer:")["input_ids"]
+    return context[:300], suffix

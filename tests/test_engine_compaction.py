@@ -9,17 +9,16 @@ import types
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from tests.compare import assert_same_greedy
 from tests.engine import in_process_llm
-from vllm_compaction import documents, hf
+from vllm_compaction import hf
 from vllm_compaction.engine import CONNECTOR_CONFIG, WORKER_EXTENSION
 from vllm_compaction.engine.params import signed
 from vllm_compaction.engine.state import STATE
 
 BLOCK = 32
-CONTEXT_TOKENS = 300
 GENERATED = 8
 
 
@@ -42,15 +41,6 @@ def llm(tiny_llama_dir):
     gc.collect()
     ensure_kv_transfer_shutdown()
     STATE.__init__()  # and our worker state, which points at this engine's runner
-
-
-@pytest.fixture(scope="module")
-def texts(tiny_llama_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    paragraphs = documents.squad()["data"][1]["paragraphs"]
-    context = tokenizer(" ".join(p["context"] for p in paragraphs[:6]))["input_ids"]
-    suffix = tokenizer(" Question: who is named in the text? Answer:")["input_ids"]
-    return context[:CONTEXT_TOKENS], suffix
 
 
 def _params(**kwargs):

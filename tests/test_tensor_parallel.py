@@ -33,7 +33,7 @@ from tests.test_engine_compaction import (
     _steps,
     _use,
 )
-from vllm_compaction import documents, hf, store
+from vllm_compaction import hf, store
 from vllm_compaction.cli import thread_binding
 from vllm_compaction.core.methods import METHODS
 from vllm_compaction.engine import CONNECTOR_CONFIG, WORKER_EXTENSION, worker
@@ -78,15 +78,6 @@ def tp1(tiny_llama_dir):
     engine.collective_rpc("compaction_bind")
     yield engine
     engine.llm_engine.engine_core.shutdown()
-
-
-@pytest.fixture(scope="module")
-def texts(tiny_llama_dir):
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    paragraphs = documents.squad()["data"][1]["paragraphs"]
-    context = tokenizer(" ".join(p["context"] for p in paragraphs[:6]))["input_ids"]
-    suffix = tokenizer(" Question: who is named in the text? Answer:")["input_ids"]
-    return context[:300], suffix
 
 
 def _saved(llm, key: str, folder: Path) -> list[dict[str, list[torch.Tensor]]]:
