@@ -232,3 +232,24 @@ def test_bad_extensions_are_refused(server, client, parts):
         extra_body={"compaction": chat["id"]},
     )
     assert reply.choices[0].message.content is not None
+
+
+def test_a_conversation_longer_than_the_model_goes_on_through_extensions(client, tokenizer):
+    # The served model has 2048 positions; two 1,100-token turns exceed them uncompacted.
+    text = " ".join(p["context"] for p in documents.squad()["data"][3]["paragraphs"])
+    ids = tokenizer(text)["input_ids"]
+    first_turn, second_turn = tokenizer.decode(ids[:1100]), tokenizer.decode(ids[1100:2200])
+    first = _compact(client, messages=[{"role": "user", "content": first_turn}], ratio=10)
+    turns = [
+        {"role": "assistant", "content": "Noted. Send the rest."},
+        {"role": "user", "content": second_turn},
+    ]
+    extended = _compact(client, messages=turns, previous=first["id"], ratio=10)
+    assert extended["original_tokens"] > 2048
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is it about?"}],
+        max_tokens=4,
+        extra_body={"compaction": extended["id"]},
+    )
+    assert reply.usage.completion_tokens == 4

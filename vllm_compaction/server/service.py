@@ -8,10 +8,10 @@ handles (and no plain request) ever share a block.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 from vllm import SamplingParams
@@ -219,7 +219,7 @@ class CompactionService:
                 f"{handle_id} was made from a prompt: use it with /v1/completions",
                 param="compaction",
             )
-        whole = request.model_copy(deep=True)
+        whole = _WholeChat.model_validate(request.model_dump(exclude_unset=True))
         whole.messages = [*record.messages, *request.messages]
         ids = await self._render(whole)
         prefix = record.prefix_ids
@@ -289,8 +289,8 @@ class CompactionService:
         queries to keep, and the query source used."""
         total, room = len(source.ids), self.max_model_len - source.offset
         # Repeat queries need about 2T positions; past the model's context, fall back to causal
-        # context queries and say so in the answer. Checked before rendering too: the chat
-        # template refuses a conversation longer than the context outright.
+        # context queries and say so in the answer. Checked before rendering too, which would
+        # be time spent for nothing.
         if request.queries == "repeat" and 2 * total < room:
             repeated = await self._repeated(request, source)
             if repeated and len(repeated) + 1 <= room:
@@ -324,10 +324,19 @@ class CompactionService:
 
     @staticmethod
     def _chat_request(model: str, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
-        return ChatCompletionRequest(model=model, messages=messages, add_generation_prompt=False)
+        return _WholeChat(model=model, messages=messages, add_generation_prompt=False)
 
 
-@dataclass
+class _WholeChat(ChatCompletionRequest):
+    """A chat rendered only for its token ids. A handle's whole conversation may be longer than
+    the model's context (extensions make it so): only the compacted part and what follows it
+    need to fit, which the callers check."""
+
+    def build_tok_params(self, model_config: Any) -> Any:
+        return dataclasses.replace(super().build_tok_params(model_config), max_total_tokens=None)
+
+
+@dataclasses.dataclass
 class _Source:
     """What one compaction reads: `ids` are compacted, prefilled `offset` positions in (after
     the previous handle's slots, for an extension)."""
