@@ -41,7 +41,8 @@ class CompactRequest(BaseModel):
         default=None,
         description="Extend this handle (made from the same kind of input): the new handle "
         "holds its compacted rows unchanged, then the input compacted in their presence. The "
-        "previous handle stays valid until deleted.",
+        "previous handle stays valid until deleted. Its slots and the input must fit in the "
+        "model's context; the whole context need not.",
     )
     ratio: float | None = Field(
         default=None,
