@@ -121,6 +121,7 @@ def _narrowed(published: dict[str, Any], handles: list[str], vocab: int) -> dict
         ratio={"type": "number", "minimum": 1, "maximum": 16},
         target_tokens={**small, "minimum": 1},
         keep_first={"type": "integer", "minimum": 0, "maximum": 4},
+        previous={"anyOf": [handle_id, {"type": "null"}]},  # extensions of live handles too
     )
     # Long enough inputs that a budget can hold the tokens kept verbatim.
     document = {"type": "string", "minLength": 16, "maxLength": 160}

@@ -39,17 +39,21 @@ class Capture:
     """Rows recorded while a capture request is prefilled, per layer index.
 
     Keys and values of positions [0, context_len); queries of [query_start, query_end).
-    Chunks arrive in step order; a preempted and recomputed request sends positions again.
+    Positions count from `offset`: an extension is prefilled after its previous handle's
+    slots, which the engine never computes. Chunks arrive in step order; a preempted and
+    recomputed request sends positions again.
     """
 
     context_len: int
     query_start: int
     query_end: int
+    offset: int = 0
     chunks: dict[int, list[tuple[Tensor, Tensor, Tensor, Tensor]]] = field(default_factory=dict)
 
     def record(self, layer: int, positions: Tensor, q: Tensor, k: Tensor, v: Tensor) -> None:
         """Keep this chunk's rows (positions [n], q [n, Hq, D], k/v [n, Hkv, D])."""
-        needed = (positions < self.context_len) | (positions >= self.query_start)
+        positions = positions - self.offset
+        needed = (positions >= 0) & (positions < self.context_len) | (positions >= self.query_start)
         needed &= positions < max(self.context_len, self.query_end)
         rows = (positions[needed], q[needed], k[needed], v[needed])
         if rows[0].numel():
@@ -118,20 +122,27 @@ class WorkerState:
             params = request_params(self.runner.requests[req_id].sampling_params)
             if params is None:
                 continue
+            row = Row(index)
+            # An extension is both: it reads its previous handle and is captured.
+            if "handle" in params:
+                row.handle = self.handles.get(params["handle"])
+                if row.handle is None:
+                    # Its bias is not here: fail the request rather than attend without it.
+                    block_size = self.runner.cache_config.block_size
+                    blocks = self.runner.requests[req_id].block_ids[0]
+                    self.failed_blocks.update(blocks[: -(-params["slots"] // block_size)])
+                    continue
             if "capture" in params:
                 key = params["capture"]
                 if key not in self.captures:
                     self.captures[key] = Capture(
-                        params["context_len"], params["query_start"], params["query_end"]
+                        params["context_len"],
+                        params["query_start"],
+                        params["query_end"],
+                        params.get("offset", 0),
                     )
-                rows.append(Row(index, capture=self.captures[key]))
-            elif params["handle"] in self.handles:
-                rows.append(Row(index, handle=self.handles[params["handle"]]))
-            else:
-                # Its bias is not here: fail the request rather than attend without it.
-                block_size = self.runner.cache_config.block_size
-                blocks = self.runner.requests[req_id].block_ids[0]
-                self.failed_blocks.update(blocks[: -(-params["slots"] // block_size)])
+                row.capture = self.captures[key]
+            rows.append(row)
         return rows
 
 

@@ -12,6 +12,7 @@ import torch
 
 from vllm_compaction import store
 from vllm_compaction.core import compact_cache
+from vllm_compaction.core.attention import logits
 from vllm_compaction.engine.rope import shift_positions
 from vllm_compaction.engine.state import STATE, Capture, Handle
 
@@ -35,7 +36,9 @@ class CompactionWorkerExtension:
         the engine keeps stepping meanwhile. Poll `compaction_ready`, then `compaction_finish`.
 
         options: budget (kept rows per head, verbatim included), keep_first, protected
-        ([start, end) spans kept verbatim), method, causal (queries see only earlier keys).
+        ([start, end) spans kept verbatim), method, causal (queries see only earlier keys);
+        for an extension, previous (the handle the capture was prefilled after) and
+        previous_rows (its rows before the padding, which the new handle keeps).
         """
         capture = STATE.captures.pop(key, None)
         if capture is None or not capture.chunks:
@@ -43,9 +46,17 @@ class CompactionWorkerExtension:
                 "no rows were recorded for this context: the compaction attention backend runs "
                 "on CPU platforms only so far"
             )
+        previous = None
+        if options.get("previous") is not None:
+            previous = STATE.handles.get(options["previous"])
+            if previous is None:
+                raise RuntimeError(f"handle {options['previous']} is not held by this worker")
+            previous = _rows(previous, options["previous_rows"])
         block_size = self.vllm_config.cache_config.block_size
         rotary = _rotary(self.model_runner)
-        STATE.jobs[key] = _JOBS.submit(_compacted_handle, capture, options, block_size, rotary)
+        STATE.jobs[key] = _JOBS.submit(
+            _compacted_handle, capture, options, block_size, rotary, previous
+        )
 
     def compaction_ready(self, key: str) -> bool:
         return STATE.jobs[key].done()
@@ -84,33 +95,72 @@ class CompactionWorkerExtension:
 
 
 def _compacted_handle(
-    capture: Capture, options: dict[str, Any], block_size: int, rotary: Any
+    capture: Capture,
+    options: dict[str, Any],
+    block_size: int,
+    rotary: Any,
+    previous: Handle | None = None,
 ) -> tuple[Handle, dict[str, Any]]:
     """Compact every layer, re-rotate the keys to the handle's slot positions and pad them to
-    whole blocks (padding bias -inf)."""
+    whole blocks (padding bias -inf). An extension keeps the previous handle's rows first."""
     began = time.perf_counter()
     keys, values, queries, positions = _stack(capture)
+    outside = None
+    if previous is not None:
+        # The new part's queries also attend to the previous rows: the fit must weigh each
+        # query by the share of its attention the new part gets.
+        outside = [
+            _lse(q, k, b) for q, k, b in zip(queries, previous.keys, previous.bias, strict=True)
+        ]
     compacted = compact_cache(
         keys,
         values,
         queries,
         budget=options["budget"],
         query_positions=positions if options.get("causal") else None,
+        outside_lse=outside,
         keep_first=options.get("keep_first", 4),
         protected=[tuple(span) for span in options.get("protected", [])],
         method=options.get("method", "am-highest"),
     )
-    slots = math.ceil(options["budget"] / block_size) * block_size
-    delta = slots - capture.context_len
+    rows = options["budget"] + (previous.slots if previous is not None else 0)
+    slots = math.ceil(rows / block_size) * block_size
+    # Every key carries the rotation of its slot: logical position + slots - context tokens.
+    # The previous rows carry that of the previous slots; the new keys, prefilled right after
+    # those slots, carry it too. So both move by the same amount.
+    delta = slots - capture.offset - capture.context_len
     dtype = keys[0].dtype
     handle = Handle(keys=[], values=[], bias=[])
-    for layer in compacted:
-        pad = slots - layer.keys.shape[1]
-        handle.keys.append(_pad(shift_positions(layer.keys, delta, rotary).to(dtype), pad))
-        handle.values.append(_pad(layer.values.to(dtype), pad))
-        handle.bias.append(_pad(layer.bias.float(), pad, -math.inf))
+    for layer, part in enumerate(compacted):
+        layer_keys, layer_values, bias = part.keys.to(dtype), part.values.to(dtype), part.bias
+        if previous is not None:
+            layer_keys = torch.cat([previous.keys[layer], layer_keys], dim=1)
+            layer_values = torch.cat([previous.values[layer], layer_values], dim=1)
+            bias = torch.cat([previous.bias[layer], bias.float()], dim=1)
+        pad = slots - layer_keys.shape[1]
+        handle.keys.append(_pad(shift_positions(layer_keys, delta, rotary).to(dtype), pad))
+        handle.values.append(_pad(layer_values, pad))
+        handle.bias.append(_pad(bias.float(), pad, -math.inf))
     size = sum(t.nbytes for part in (handle.keys, handle.values, handle.bias) for t in part)
     return handle, {"slots": slots, "bytes": size, "compact_s": time.perf_counter() - began}
+
+
+def _rows(handle: Handle, count: int) -> Handle:
+    """The handle's first `count` rows: its compacted rows without the padding to blocks."""
+    if not 0 < count <= handle.slots:
+        raise RuntimeError(f"the previous handle has {handle.slots} slots, not {count} rows")
+    parts = (handle.keys, handle.values, handle.bias)
+    return Handle(*([t[:, :count] for t in part] for part in parts))
+
+
+def _lse(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """[H, n] log of each query's attention mass on rows with `bias`, chunked over queries
+    (queries [H, n, D] come after every row: no causal mask)."""
+    scale = 1.0 / math.sqrt(keys.shape[-1])
+    return torch.cat(
+        [logits(q, keys, scale, bias).logsumexp(dim=-1) for q in queries.split(4096, dim=1)],
+        dim=1,
+    )
 
 
 def _stack(capture: Capture) -> tuple[list, list, list, list]:

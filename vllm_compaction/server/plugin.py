@@ -121,15 +121,22 @@ def _service(raw: Request) -> CompactionService:
         400: {
             "model": ErrorResponse,
             "description": "Invalid body, unknown method, an input longer than the model's "
-            "context, or a budget smaller than the tokens kept verbatim.",
+            "context (with `previous`: after its slots), a budget smaller than the tokens kept "
+            "verbatim, or a `previous` handle made from the other kind of input.",
         },
-        404: {"model": ErrorResponse, "description": "Unknown model."},
+        404: {
+            "model": ErrorResponse,
+            "description": "Unknown model, or no such `previous` handle for this caller.",
+        },
+        410: _GONE,
         "default": _OTHER_ERRORS,
     },
 )
 async def compact(request: CompactRequest, raw: Request):
     """Read a document or a conversation once, compact its KV cache on the engine's workers and
-    store the result as a handle. The handle is on disk before the answer is sent."""
+    store the result as a handle. The handle is on disk before the answer is sent. With
+    `previous`, the input continues that handle's context: only the input is read and compacted,
+    in the presence of the handle's rows, and the answer is a new handle holding both."""
     model_error = await raw.app.state.openai_serving_completion._check_model(request)
     if model_error is not None:
         return JSONResponse(model_error.model_dump(), status_code=model_error.error.code)

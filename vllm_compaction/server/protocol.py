@@ -19,30 +19,43 @@ MAX_TTL_S = 365 * 24 * 3600
 
 class CompactRequest(BaseModel):
     """`POST /v1/compact`: a document (`prompt`) or a conversation (`messages`) to compact.
-    Give exactly one of them, and at most one of `ratio` and `target_tokens`."""
+    Give exactly one of them, and at most one of `ratio` and `target_tokens`. With `previous`,
+    the input continues that handle's context and only the input is compacted."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str = Field(description="A served model name, as listed by `GET /v1/models`.")
     prompt: str | list[int] | None = Field(
         default=None,
-        description="A document: text or token ids. The handle continues it on `/v1/completions`.",
+        description="A document: text or token ids. The handle continues it on `/v1/completions`. "
+        "With `previous`: the text or tokens that follow the previous handle's document.",
     )
     messages: list[dict[str, Any]] | None = Field(
         default=None,
         description="A conversation in chat format (`role`, `content`). The chat template's "
-        "own tokens are kept verbatim. The handle continues it on `/v1/chat/completions`.",
+        "own tokens are kept verbatim. The handle continues it on `/v1/chat/completions`. "
+        "With `previous`: the turns that follow the previous handle's conversation (the "
+        "template is rendered over both, as a chat on the handle does).",
+    )
+    previous: str | None = Field(
+        default=None,
+        description="Extend this handle (made from the same kind of input): the new handle "
+        "holds its compacted rows unchanged, then the input compacted in their presence. The "
+        "previous handle stays valid until deleted. Its slots and the input must fit in the "
+        "model's context; the whole context need not.",
     )
     ratio: float | None = Field(
         default=None,
         ge=1.0,
         description=f"Input tokens per compacted token; {DEFAULT_RATIO:g} when neither this "
-        "nor `target_tokens` is given. Tokens kept verbatim count toward the budget.",
+        "nor `target_tokens` is given. Tokens kept verbatim count toward the budget. With "
+        "`previous`, it applies to the new input only.",
     )
     target_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="The number of compacted tokens, instead of a ratio; below the input's length.",
+        description="The number of compacted tokens, instead of a ratio; below the input's "
+        "length. With `previous`, the tokens the new input adds.",
     )
     queries: Literal["repeat", "context"] = Field(
         default="repeat",
@@ -57,10 +70,11 @@ class CompactRequest(BaseModel):
         "refitted values), or an eviction baseline that only keeps keys.",
         json_schema_extra={"enum": list(METHODS)},
     )
-    keep_first: int = Field(
-        default=4,
+    keep_first: int | None = Field(
+        default=None,
         ge=0,
-        description="The first tokens, kept verbatim (attention sinks).",
+        description="The first tokens of the input, kept verbatim (attention sinks); 4 by "
+        "default, 0 with `previous` (its handle holds the context's first tokens).",
     )
     ttl_seconds: int = Field(
         default=DEFAULT_TTL_S,
@@ -85,11 +99,18 @@ class CompactRequest(BaseModel):
     def kind(self) -> Literal["prompt", "messages"]:
         return "prompt" if self.prompt is not None else "messages"
 
+    @property
+    def first_kept(self) -> int:
+        """`keep_first` with its default resolved."""
+        if self.keep_first is not None:
+            return self.keep_first
+        return 0 if self.previous is not None else 4
+
 
 class CompactionUsage(BaseModel):
     """Tokens the engine prefilled to make the handle."""
 
-    prompt_tokens: int = Field(description="The input's tokens.")
+    prompt_tokens: int = Field(description="The input's tokens (an extension: the new ones).")
     query_tokens: int = Field(
         description="Tokens prefilled after the input to make repeat queries (0 with context "
         "queries)."
@@ -124,7 +145,9 @@ class Compaction(BaseModel):
     )
     created_at: int = Field(description="Unix time, seconds.")
     expires_at: int = Field(description="Unix time, seconds: `created_at` + `ttl_seconds`.")
-    original_tokens: int = Field(description="The input's tokens.")
+    original_tokens: int = Field(
+        description="The input's tokens (an extension: its previous handle's too)."
+    )
     compacted_tokens: int = Field(
         description="Tokens of the compacted context, verbatim ones included. A request on the "
         "handle occupies this many positions rounded up to whole KV blocks."
@@ -133,6 +156,9 @@ class Compaction(BaseModel):
     method: str = Field(description="The method that made it.")
     queries: Literal["repeat", "context"] = Field(
         description="The query source that was used (`context` when `repeat` did not fit)."
+    )
+    previous: str | None = Field(
+        default=None, description="The handle it extends (`previous` of the request), or null."
     )
     usage: CompactionUsage = Field(description="Tokens prefilled to make it.")
     timing: CompactionTiming = Field(description="Seconds spent making it.")

@@ -8,6 +8,7 @@ handles (and no plain request) ever share a block.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 import uuid
@@ -49,7 +50,7 @@ class CompactionService:
         # Callers' strings must not become label values (unbounded series).
         method = request.method if request.method in METHODS else "unknown"
         try:
-            info = await self._compact(request, tenant)
+            info, added = await self._compact(request, tenant)
         except CompactionError:
             metrics.COMPACTIONS.labels(method, "refused").inc()
             raise
@@ -57,36 +58,59 @@ class CompactionService:
             metrics.COMPACTIONS.labels(method, "failed").inc()
             raise
         metrics.COMPACTIONS.labels(method, "ok").inc()
-        metrics.TOKENS.labels("in").inc(info.original_tokens)
-        metrics.TOKENS.labels("out").inc(info.compacted_tokens)
+        metrics.TOKENS.labels("in").inc(info.usage.prompt_tokens)
+        metrics.TOKENS.labels("out").inc(added)
         metrics.RATIO.observe(info.ratio)
         for stage in ("prefill", "compact", "total"):
             metrics.SECONDS.labels(stage).observe(getattr(info.timing, f"{stage}_s"))
         return info
 
-    async def _compact(self, request: CompactRequest, tenant: str) -> Compaction:
-        began = time.perf_counter()
+    async def _compact(self, request: CompactRequest, tenant: str) -> tuple[Compaction, int]:
+        """The new handle and the compacted tokens it added."""
         if request.method not in METHODS:
             known = ", ".join(METHODS)
             raise CompactionError(
                 f"unknown method {request.method!r}; known: {known}", param="method"
             )
-        ids, protected = await self._context_tokens(request)
+        if request.previous is None:
+            return await self._compact_input(request, tenant, None)
+        # Held until the new handle is made: its rows are read by the capture and the fit.
+        self.registry.acquire(request.previous)
+        try:
+            previous = await self.registry.get(request.previous, tenant)
+            if previous.info.kind != request.kind:
+                raise CompactionError(
+                    f"{request.previous} was made from {previous.info.kind}: extend it with "
+                    f"'{previous.info.kind}'",
+                    param="previous",
+                )
+            return await self._compact_input(request, tenant, previous)
+        finally:
+            await self.registry.release(request.previous)
+
+    async def _compact_input(
+        self, request: CompactRequest, tenant: str, previous: HandleRecord | None
+    ) -> tuple[Compaction, int]:
+        began = time.perf_counter()
+        source = await self._context_tokens(request, previous)
+        ids, offset = source.ids, source.offset
         total = len(ids)
-        if total + 1 > self.max_model_len:
+        if offset + total + 1 > self.max_model_len:
+            before = f"{offset} slots of the previous handle + " if previous else ""
             raise CompactionError(
-                f"the input has {total} tokens; the model's context is {self.max_model_len}",
+                f"{before}the input's {total} tokens exceed the model's context of "
+                f"{self.max_model_len}",
                 param="prompt" if request.kind == "prompt" else "messages",
             )
         budget = _budget(request, total)
-        verbatim = set(range(min(request.keep_first, total)))
-        verbatim.update(i for start, end in protected for i in range(start, end))
+        verbatim = set(range(min(request.first_kept, total)))
+        verbatim.update(i for start, end in source.protected for i in range(start, end))
         if budget < len(verbatim):
             raise CompactionError(
                 f"a budget of {budget} tokens cannot hold the {len(verbatim)} tokens kept "
                 "verbatim (first tokens and chat template); raise target_tokens or lower ratio"
             )
-        capture_ids, query_range, queries = await self._capture_prompt(request, ids)
+        capture_ids, query_range, queries = await self._capture_prompt(request, source)
 
         handle_id = new_handle_id()
         capture = {
@@ -94,17 +118,25 @@ class CompactionService:
             "context_len": total,
             "query_start": query_range[0],
             "query_end": query_range[1],
+            "offset": offset,
         }
-        params = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": signed(capture)})
-        # A fresh salt: a prefix-cache hit would skip the forward that records the rows.
-        prompt = tokens_input(capture_ids, cache_salt=f"compaction-capture:{handle_id}")
         options = {
             "budget": budget,
-            "keep_first": request.keep_first,
-            "protected": protected,
+            "keep_first": request.first_kept,
+            "protected": source.protected,
             "method": request.method,
             "causal": queries == "context",
         }
+        if previous is not None:
+            # Prefilled after the previous handle's slots, which it reads like a completion.
+            capture.update(handle=previous.info.id, slots=previous.slots)
+            options.update(previous=previous.info.id, previous_rows=previous.info.compacted_tokens)
+        params = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": signed(capture)})
+        # A fresh salt: a prefix-cache hit would skip the forward that records the rows.
+        prompt = tokens_input(
+            [PLACEHOLDER_ID] * offset + capture_ids,
+            cache_salt=f"compaction-capture:{handle_id}",
+        )
         try:
             async for _ in self.engine.generate(prompt, params, f"compact-{uuid.uuid4().hex}"):
                 pass
@@ -123,6 +155,10 @@ class CompactionService:
         slots = replies[0]["slots"]
         done = time.perf_counter()
 
+        original, compacted = total, budget
+        if previous is not None:
+            original += previous.info.original_tokens
+            compacted += previous.info.compacted_tokens
         now = int(time.time())
         info = Compaction(
             id=handle_id,
@@ -130,11 +166,12 @@ class CompactionService:
             kind=request.kind,
             created_at=now,
             expires_at=now + request.ttl_seconds,
-            original_tokens=total,
-            compacted_tokens=budget,
-            ratio=total / budget,
+            original_tokens=original,
+            compacted_tokens=compacted,
+            ratio=original / compacted,
             method=request.method,
             queries=queries,
+            previous=request.previous,
             usage=CompactionUsage(
                 prompt_tokens=total,
                 query_tokens=len(capture_ids) - total,
@@ -148,8 +185,9 @@ class CompactionService:
             ),
         )
         held = replies[0]["bytes"] * len(replies)
-        await self.registry.add(HandleRecord(info, ids, slots, held, tenant, request.messages))
-        return info
+        record = HandleRecord(info, source.context, slots, held, tenant, source.messages)
+        await self.registry.add(record)
+        return info, budget
 
     async def completion_prompt(
         self, handle_id: str, prompt: Any, tenant: str
@@ -181,7 +219,7 @@ class CompactionService:
                 f"{handle_id} was made from a prompt: use it with /v1/completions",
                 param="compaction",
             )
-        whole = request.model_copy(deep=True)
+        whole = _WholeChat.model_validate(request.model_dump(exclude_unset=True))
         whole.messages = [*record.messages, *request.messages]
         ids = await self._render(whole)
         prefix = record.prefix_ids
@@ -203,37 +241,61 @@ class CompactionService:
         salt = private_salt(f"{record.tenant}:{handle_id}")
         return [PLACEHOLDER_ID] * record.slots + ids, salt, params
 
-    async def _context_tokens(self, request: CompactRequest) -> tuple[list[int], list[list[int]]]:
-        """The context's token ids and the template spans kept verbatim."""
+    async def _context_tokens(
+        self, request: CompactRequest, previous: HandleRecord | None
+    ) -> _Source:
+        """The tokens to compact and the template spans among them kept verbatim; with
+        `previous`, what follows its context."""
+        prefix = previous.prefix_ids if previous is not None else []
+        offset = previous.slots if previous is not None else 0
         if request.kind == "prompt":
             if isinstance(request.prompt, str):
                 ids = self.engine.get_tokenizer().encode(request.prompt, add_special_tokens=False)
             else:
                 ids = list(request.prompt)
-            return ids, []
-        ids = await self._render(self._chat_request(request.model, request.messages))
+            if not ids:
+                raise CompactionError("'prompt' has no tokens", param="prompt")
+            return _Source(ids, [], offset, prefix + ids, None)
+        messages = [*(previous.messages if previous is not None else []), *request.messages]
+        context, spans = await self._conversation(request.model, messages)
+        start = len(prefix)
+        if context[:start] != prefix or len(context) == start:
+            raise CompactionError(
+                "the chat template does not render the previous handle's messages as a prefix "
+                "of this conversation",
+                param="messages",
+            )
+        spans = [[max(a, start) - start, b - start] for a, b in spans if b > start]
+        return _Source(context[start:], spans, offset, context, messages)
+
+    async def _conversation(
+        self, model: str, messages: list[dict[str, Any]]
+    ) -> tuple[list[int], list[list[int]]]:
+        """A conversation's rendered tokens and the spans of its template's own tokens."""
+        ids = await self._render(self._chat_request(model, messages))
         tokenizer = self.engine.get_tokenizer()
-        text = tokenizer.apply_chat_template(request.messages, tokenize=False)
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         if encoded["input_ids"] != ids:  # cannot map the template: keep only the first tokens
             return ids, []
-        contents = [m.get("content") or "" for m in request.messages]
+        contents = [m.get("content") or "" for m in messages]
         spans = verbatim_spans(encoded["offset_mapping"], text, contents)
         return ids, [list(span) for span in spans]
 
     async def _capture_prompt(
-        self, request: CompactRequest, ids: list[int]
+        self, request: CompactRequest, source: _Source
     ) -> tuple[list[int], tuple[int, int], str]:
-        """Tokens to prefill, which positions' queries to keep, and the query source used."""
-        total = len(ids)
+        """Tokens to prefill (after the previous handle's slots), which of them give the
+        queries to keep, and the query source used."""
+        total, room = len(source.ids), self.max_model_len - source.offset
         # Repeat queries need about 2T positions; past the model's context, fall back to causal
-        # context queries and say so in the answer. Checked before rendering too: the chat
-        # template refuses a conversation longer than the context outright.
-        if request.queries == "repeat" and 2 * total < self.max_model_len:
-            repeated = await self._repeated(request, ids)
-            if repeated and len(repeated) + 1 <= self.max_model_len:
+        # context queries and say so in the answer. Checked before rendering too, which would
+        # be time spent for nothing.
+        if request.queries == "repeat" and 2 * total < room:
+            repeated = await self._repeated(request, source)
+            if repeated and len(repeated) + 1 <= room:
                 return repeated, (total, len(repeated)), "repeat"
-        return ids, (0, total), "context"
+        return source.ids, (0, total), "context"
 
     async def _render(self, request: Any) -> list[int]:
         rendered = await self.chat_serving.render_chat_request(request)
@@ -241,8 +303,9 @@ class CompactionService:
             raise CompactionError(rendered.error.message, status=rendered.error.code)
         return list(rendered[1][0]["prompt_token_ids"])
 
-    async def _repeated(self, request: CompactRequest, ids: list[int]) -> list[int]:
-        """The context, a request to repeat it, and the context again (its queries are kept)."""
+    async def _repeated(self, request: CompactRequest, source: _Source) -> list[int]:
+        """The input, a request to repeat it, and the input again (its queries are kept)."""
+        ids = source.ids
         if request.kind == "prompt":
             text = f"\n\n{REPEAT_INSTRUCTION}\n\n"
             instruction = self.engine.get_tokenizer().encode(text, add_special_tokens=False)
@@ -252,15 +315,37 @@ class CompactionService:
             {"role": "user", "content": REPEAT_INSTRUCTION},
             {"role": "assistant", "content": body},
         ]
-        messages = [*request.messages, *turns]
+        messages = [*source.messages, *turns]
         repeated = await self._render(self._chat_request(request.model, messages))
         # A template that renders the context differently inside a longer chat gives no
         # usable repeat queries.
-        return repeated if repeated[: len(ids)] == ids else []
+        context = source.context
+        return repeated[len(context) - len(ids) :] if repeated[: len(context)] == context else []
 
     @staticmethod
     def _chat_request(model: str, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
-        return ChatCompletionRequest(model=model, messages=messages, add_generation_prompt=False)
+        return _WholeChat(model=model, messages=messages, add_generation_prompt=False)
+
+
+class _WholeChat(ChatCompletionRequest):
+    """A chat rendered only for its token ids. A handle's whole conversation may be longer than
+    the model's context (extensions make it so): only the compacted part and what follows it
+    need to fit, which the callers check."""
+
+    def build_tok_params(self, model_config: Any) -> Any:
+        return dataclasses.replace(super().build_tok_params(model_config), max_total_tokens=None)
+
+
+@dataclasses.dataclass
+class _Source:
+    """What one compaction reads: `ids` are compacted, prefilled `offset` positions in (after
+    the previous handle's slots, for an extension)."""
+
+    ids: list[int]
+    protected: list[list[int]]  # [start, end) spans of ids kept verbatim (chat template)
+    offset: int
+    context: list[int]  # every token of the context so far: the previous handle's, then ids
+    messages: list[dict[str, Any]] | None  # the whole conversation, for a messages handle
 
 
 def _budget(request: CompactRequest, total: int) -> int:

@@ -1,0 +1,255 @@
+"""Extending a handle: `POST /v1/compact` with `previous` compacts only the new input, in the
+presence of the previous handle's rows, into a new handle (issue #8)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from tests.compare import assert_same_greedy
+from tests.server import TINY as MODEL
+from tests.server import served_tiny
+from vllm_compaction import documents, hf, store
+
+pytestmark = pytest.mark.slow
+KEYS = {"key-alice": "alice", "key-bob": "bob"}
+GENERATED = 8
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("extending")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, folder):
+    keys = folder / "keys.json"
+    keys.write_text(json.dumps(KEYS))
+    # Small prefill chunks: the extension's capture spans several engine steps.
+    flags = ["--api-keys-file", str(keys), "--max-num-batched-tokens", "128"]
+    with served_tiny(tiny_llama_dir, folder, *flags) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="key-alice")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def parts(tokenizer) -> tuple[list[int], list[int], list[int]]:
+    """An earlier context, the tool output that follows it, and a question (token ids)."""
+    text = " ".join(p["context"] for p in documents.squad()["data"][2]["paragraphs"][:4])
+    ids = tokenizer(text)["input_ids"]
+    return ids[:250], ids[250:400], tokenizer(" Who is it about?")["input_ids"]
+
+
+def _compact(client, **body) -> dict:
+    return client.post("/compact", body={"model": MODEL, **body}, cast_to=object)
+
+
+def _complete(client, prompt, handle_id=None):
+    extra = {"return_tokens_as_token_ids": True}
+    if handle_id:
+        extra["compaction"] = handle_id
+    out = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=GENERATED,
+        temperature=0,
+        logprobs=5,
+        extra_body=extra,
+    )
+    return out.choices[0].logprobs
+
+
+def _token_ids(logprobs) -> list[int]:
+    return [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
+
+
+def _stored(folder, handle_id: str) -> dict[str, list[torch.Tensor]]:
+    """The handle's tensors as the server stored them (one worker)."""
+    path = folder / "handles" / handle_id
+    (entry,) = store.read_manifest(path)["files"]
+    return store.load_layers(path / entry["file"], entry["sha256"])
+
+
+def _same_greedy(a, b, atol=1e-4) -> None:
+    assert_same_greedy(a.tokens, a.top_logprobs, b.tokens, b.top_logprobs, atol=atol)
+
+
+def test_extending_at_ratio_one_continues_like_the_whole_prompt(client, parts):
+    old, new, question = parts
+    first = _compact(client, prompt=old, ratio=1, queries="context")
+    extended = _compact(client, prompt=new, previous=first["id"], ratio=1, queries="context")
+    assert extended["id"] != first["id"] and extended["previous"] == first["id"]
+    assert extended["original_tokens"] == extended["compacted_tokens"] == len(old) + len(new)
+    assert extended["usage"]["prompt_tokens"] == len(new)
+    # 250 rows in 256 slots, then 400 rows in 416: every row moved by 416 - 256 - 150 = +10.
+    _same_greedy(
+        _complete(client, question, extended["id"]), _complete(client, old + new + question)
+    )
+
+
+def test_extending_a_conversation_continues_like_the_whole_chat(client, parts, tokenizer):
+    old, new, _ = parts
+    history = [{"role": "user", "content": f"Read this:\n{tokenizer.decode(old)}"}]
+    turns = [
+        {"role": "assistant", "content": "Calling the search tool."},
+        {"role": "user", "content": f"Tool output:\n{tokenizer.decode(new)}"},
+    ]
+    follow_up = [{"role": "user", "content": "Who is it about?"}]
+    first = _compact(client, messages=history, ratio=1, queries="context")
+    extended = _compact(client, messages=turns, previous=first["id"], ratio=1, queries="context")
+    assert extended["kind"] == "messages"
+
+    def chat(messages, handle_id=None):
+        out = client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=GENERATED,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=5,
+            extra_body={"compaction": handle_id} if handle_id else {},
+        )
+        content = out.choices[0].logprobs.content
+        return [t.token for t in content], [
+            {x.token: x.logprob for x in t.top_logprobs} for t in content
+        ]
+
+    assert_same_greedy(*chat(follow_up, extended["id"]), *chat(history + turns + follow_up))
+
+    # At 10x the new turns' template tokens are kept verbatim and repeat queries are used.
+    tenth = _compact(client, messages=history, ratio=10)
+    again = _compact(client, messages=turns, previous=tenth["id"], ratio=10)
+    assert again["queries"] == "repeat"
+    assert again["compacted_tokens"] - tenth["compacted_tokens"] == -(
+        -again["usage"]["prompt_tokens"] // 10
+    )
+    assert chat(follow_up, again["id"])[0]
+
+
+def test_extending_a_tenth_serves_what_transformers_computes(client, parts, folder, tiny_llama_dir):
+    old, new, question = parts
+    first = _compact(client, prompt=old, ratio=10)
+    before = _complete(client, question, first["id"])
+    extended = _compact(client, prompt=new, previous=first["id"], ratio=10)
+    assert extended["queries"] == "repeat"
+    kept = first["compacted_tokens"]
+    assert extended["compacted_tokens"] == kept + math.ceil(len(new) / 10)
+    assert extended["original_tokens"] == len(old) + len(new)
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    earlier, rows = _stored(folder, first["id"]), _stored(folder, extended["id"])
+    slots = rows["keys"][0].shape[1]
+    assert slots == math.ceil(extended["compacted_tokens"] / 32) * 32
+    # The previous rows are kept as they were, moved to the new slots' positions.
+    delta = torch.tensor([[slots - earlier["keys"][0].shape[1] - len(new)]])
+    for layer, keys in enumerate(rows["keys"]):
+        assert torch.equal(rows["values"][layer][:, :kept], earlier["values"][layer][:, :kept])
+        assert torch.equal(rows["bias"][layer][:, :kept], earlier["bias"][layer][:, :kept])
+        cos, sin = model.model.rotary_emb(keys, delta)
+        _, moved = apply_rotary_pos_emb(keys, earlier["keys"][layer][:, :kept], cos, sin)
+        torch.testing.assert_close(keys[:, :kept], moved[0], atol=1e-5, rtol=0)
+    new_bias = torch.stack([b[:, kept : extended["compacted_tokens"]] for b in rows["bias"]])
+    assert new_bias.abs().max() > 0.01  # the new part really carries a fitted beta
+
+    served = _complete(client, question, extended["id"])
+    generated = _token_ids(served)
+
+    def reference(bias_of_previous_rows: float | None = None) -> torch.Tensor:
+        prefix = []
+        for k, b, v in zip(rows["keys"], rows["bias"], rows["values"], strict=True):
+            if bias_of_previous_rows is not None:
+                b = b.clone()
+                b[:, :kept] = bias_of_previous_rows
+            prefix.append(hf.Prefix(k.float(), b, v.float()))
+        ids = torch.tensor(question + generated)
+        logprobs = torch.log_softmax(hf.continuation_logits(model, prefix, slots, ids), dim=-1)
+        steps = torch.arange(len(question) - 1, len(question) - 1 + GENERATED)
+        return logprobs[steps, torch.tensor(generated)]
+
+    got = torch.tensor(served.token_logprobs)
+    torch.testing.assert_close(got, reference(), atol=1e-4, rtol=0)
+    # Negative control: the same comparison without the previous rows must fail.
+    assert (got - reference(-math.inf)).abs().max() > 1e-3
+
+    # Both handles stand on their own: the old one answers as before, also once the other
+    # exists, and the new one keeps answering once the old one is deleted.
+    _same_greedy(_complete(client, question, first["id"]), before, atol=1e-5)
+    client.delete(f"/compactions/{first['id']}", cast_to=object)
+    _same_greedy(_complete(client, question, extended["id"]), served, atol=1e-5)
+
+
+def test_bad_extensions_are_refused(server, client, parts):
+    old, new, _ = parts
+    document = _compact(client, prompt=old, ratio=10, queries="context")
+    chat = _compact(client, messages=[{"role": "user", "content": "Hello there."}], ratio=1)
+
+    def post(key="key-alice", **body):
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": MODEL, **body}
+        return httpx.post(f"{server}/v1/compact", json=body, headers=headers, timeout=120)
+
+    unknown = post(prompt=new, previous="cmp_" + "x" * 32)
+    foreign = post("key-bob", prompt=new, previous=document["id"])
+    assert unknown.status_code == foreign.status_code == 404, (unknown.text, foreign.text)
+    assert foreign.json()["error"]["message"] == f"no compaction {document['id']!r}"
+    refusals = [
+        post(messages=[{"role": "user", "content": "more"}], previous=document["id"]),
+        post(prompt=new, previous=chat["id"]),
+        post(prompt="", previous=document["id"]),
+        post(prompt=[], previous=document["id"]),
+        post(messages=[], previous=chat["id"]),
+        post(prompt=new, previous=document["id"], target_tokens=len(new)),
+    ]
+    for response in refusals:
+        assert response.status_code == 400, response.text
+        assert set(response.json()["error"]) >= {"message", "type", "code"}
+    assert "was made from prompt" in refusals[0].text
+
+    client.delete(f"/compactions/{document['id']}", cast_to=object)
+    assert post(prompt=new, previous=document["id"]).status_code == 404
+    # The server still serves, plain and on handles.
+    assert client.completions.create(model=MODEL, prompt="ok", max_tokens=1).choices
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "And then?"}],
+        max_tokens=2,
+        extra_body={"compaction": chat["id"]},
+    )
+    assert reply.choices[0].message.content is not None
+
+
+def test_a_conversation_longer_than_the_model_goes_on_through_extensions(client, tokenizer):
+    # The served model has 2048 positions; two 1,100-token turns exceed them uncompacted.
+    text = " ".join(p["context"] for p in documents.squad()["data"][3]["paragraphs"])
+    ids = tokenizer(text)["input_ids"]
+    first_turn, second_turn = tokenizer.decode(ids[:1100]), tokenizer.decode(ids[1100:2200])
+    first = _compact(client, messages=[{"role": "user", "content": first_turn}], ratio=10)
+    turns = [
+        {"role": "assistant", "content": "Noted. Send the rest."},
+        {"role": "user", "content": second_turn},
+    ]
+    extended = _compact(client, messages=turns, previous=first["id"], ratio=10)
+    assert extended["original_tokens"] > 2048
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is it about?"}],
+        max_tokens=4,
+        extra_body={"compaction": extended["id"]},
+    )
+    assert reply.usage.completion_tokens == 4
