@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from vllm_compaction import store
-from vllm_compaction.core import compact_cache
-from vllm_compaction.core.attention import logits
+from vllm_compaction.core import compact_cache, log_mass
 from vllm_compaction.engine.rope import shift_positions
 from vllm_compaction.engine.state import STATE, Capture, Handle
 
@@ -109,8 +108,10 @@ def _compacted_handle(
     if previous is not None:
         # The new part's queries also attend to the previous rows: the fit must weigh each
         # query by the share of its attention the new part gets.
+        # Every new query comes after every previous row: no causal mask.
         outside = [
-            _lse(q, k, b) for q, k, b in zip(queries, previous.keys, previous.bias, strict=True)
+            log_mass(q, k, 1.0 / math.sqrt(k.shape[-1]), b)
+            for q, k, b in zip(queries, previous.keys, previous.bias, strict=True)
         ]
     compacted = compact_cache(
         keys,
@@ -151,16 +152,6 @@ def _rows(handle: Handle, count: int) -> Handle:
         raise RuntimeError(f"the previous handle has {handle.slots} slots, not {count} rows")
     parts = (handle.keys, handle.values, handle.bias)
     return Handle(*([t[:, :count] for t in part] for part in parts))
-
-
-def _lse(queries: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """[H, n] log of each query's attention mass on rows with `bias`, chunked over queries
-    (queries [H, n, D] come after every row: no causal mask)."""
-    scale = 1.0 / math.sqrt(keys.shape[-1])
-    return torch.cat(
-        [logits(q, keys, scale, bias).logsumexp(dim=-1) for q in queries.split(4096, dim=1)],
-        dim=1,
-    )
 
 
 def _stack(capture: Capture) -> tuple[list, list, list, list]:
