@@ -85,7 +85,10 @@ def staged(core: SimpleNamespace, layer: Layer) -> tuple[list[float], Any]:
     budgets = core.compact.check_inputs(keys, values, queries, budget, None, positions)
     method = core.methods.make_method("am-highest")
     limit, seed = method.max_queries, method.seed
-    queries, positions = core.compact._subsample(queries, positions, limit, seed)
+    if "outside" in inspect.signature(core.compact._subsample).parameters:  # after 856b51f
+        queries, positions, _ = core.compact._subsample(queries, positions, None, limit, seed)
+    else:
+        queries, positions = core.compact._subsample(queries, positions, limit, seed)
     problem = core.problem.Problem(
         keys=keys,
         values=values,
@@ -119,7 +122,10 @@ def staged(core: SimpleNamespace, layer: Layer) -> tuple[list[float], Any]:
     times.append(time.perf_counter())
 
     # 4. value fit and output assembly.
-    fitted = core.fit.fit_values(problem, indices, *extra, beta, ridge=method.value_ridge)
+    value_options = {"ridge": method.value_ridge}
+    if hasattr(method, "share_weighting"):  # after 856b51f
+        value_options["share_weighting"] = method.share_weighting
+    fitted = core.fit.fit_values(problem, indices, *extra, beta, **value_options)
     out = core.base._compacted(problem, indices, beta, fitted)
     times.append(time.perf_counter())
     return [b - a for a, b in itertools.pairwise(times)], out

@@ -14,11 +14,12 @@ Layout (one concern per module):
     validation.py  input checks; indexing.py: per-head gathers; compacted.py: the result type
 
 Defaults of the fit (``AttentionMatching`` in methods/base.py), tuned on synthetic layers and
-on captured Qwen2.5-Coder-0.5B / SmolLM2-135M layers (held-out queries, with later tokens):
+on captured Qwen2.5-Coder-0.5B / SmolLM2-135M layers (held-out queries, with later tokens)
+and, for the value ridge, answer likelihood on SQuAD (docs/benchmarks-core.md):
 mass-fit rows weighted by Y^-0.5 (Y a query's attention mass, between absolute and relative
 mass error; with ``outside_lse`` Y also counts the mass outside the compacted rows and value-fit
 rows are weighted by the compacted rows' share), beta in [-3, 3] (am-omp: [-12, 7], so keys
-below -7 can be replaced), mass ridge 1e-6, 20 projected-gradient steps, value ridge 1e-2
+below -7 can be replaced), mass ridge 1e-6, 20 projected-gradient steps, value ridge 1
 toward the original values, at most 8192 reference queries per head (seeded subsampling).
 """
 
