@@ -53,8 +53,10 @@ def test_no_mass_outside_is_the_same_as_none(method: str) -> None:
     none = compact_layer(keys, values, queries, 12, method=method)
     empty = torch.full(queries.shape[:2], -math.inf)
     same = compact_layer(keys, values, queries, 12, method=method, outside_lse=empty)
-    for field in ("keys", "bias", "values", "indices"):
-        assert torch.equal(getattr(none, field), getattr(same, field)), field
+    assert torch.equal(none.indices, same.indices) and torch.equal(none.keys, same.keys)
+    # Every share is then 1 up to rounding (mass / mass): the fits agree to rounding.
+    torch.testing.assert_close(same.bias, none.bias, rtol=0, atol=1e-6)
+    torch.testing.assert_close(same.values, none.values, rtol=1e-5, atol=1e-6)
 
 
 def test_compact_cache_counts_the_verbatim_rows_as_outside_when_asked() -> None:

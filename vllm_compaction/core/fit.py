@@ -117,14 +117,13 @@ def fit_values(
     """
     design, total, _ = exp_shifted_(selected + beta[:, None, :])
     rows = safe_reciprocal(total)
-    if share_weighting:
-        rows = rows * problem.share.pow(float(share_weighting))
+    targets = problem.targets
+    if share_weighting and problem.outside is not None:  # else every share is 1
+        weight = problem.share.pow(float(share_weighting))
+        rows, targets = rows * weight, targets * weight[..., None]
     design.mul_(rows[..., None])
     kept = gather_rows(problem.values.float(), indices)
     # A query that sees no compact key has an all-zero design row and drops out of X^T R.
-    targets = problem.targets
-    if share_weighting:
-        targets = targets * problem.share.pow(float(share_weighting))[..., None]
     residual = torch.baddbmm(targets, design, kept, alpha=-1.0)
     xt = design.transpose(1, 2)
     lengths = (indices >= 0).sum(dim=1)
