@@ -16,6 +16,15 @@ def _check_tensor(name: str, x: object, ndim: int, layout: str) -> Tensor:
     return x
 
 
+def _check_per_query(name: str, x: object, queries: Tensor) -> None:
+    """``x`` must be a [H_kv, n] tensor: one entry per reference query."""
+    x = _check_tensor(name, x, 2, "[H_kv, n]")
+    if x.shape != queries.shape[:2]:
+        raise ValueError(
+            f"{name} must be [H_kv, n] = {tuple(queries.shape[:2])}, got {tuple(x.shape)}"
+        )
+
+
 def _check_float(name: str, x: Tensor) -> None:
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
@@ -54,21 +63,11 @@ def check_inputs(
         if not bias.is_floating_point() or torch.isnan(bias).any() or (bias == math.inf).any():
             raise ValueError("bias must be floating point without NaN or +inf (-inf is allowed)")
     if query_positions is not None:
-        query_positions = _check_tensor("query_positions", query_positions, 2, "[H_kv, n]")
-        if query_positions.shape != queries.shape[:2]:
-            raise ValueError(
-                f"query_positions must be [H_kv, n] = {tuple(queries.shape[:2])}, "
-                f"got {tuple(query_positions.shape)}"
-            )
+        _check_per_query("query_positions", query_positions, queries)
         if query_positions.is_floating_point() or query_positions.dtype == torch.bool:
             raise ValueError(f"query_positions must be integers, got {query_positions.dtype}")
     if outside_lse is not None:
-        outside_lse = _check_tensor("outside_lse", outside_lse, 2, "[H_kv, n]")
-        if outside_lse.shape != queries.shape[:2]:
-            raise ValueError(
-                f"outside_lse must be [H_kv, n] = {tuple(queries.shape[:2])}, "
-                f"got {tuple(outside_lse.shape)}"
-            )
+        _check_per_query("outside_lse", outside_lse, queries)
         if not outside_lse.is_floating_point() or not (outside_lse < math.inf).all():
             raise ValueError("outside_lse must be floating point without NaN or +inf")
     return _budgets(budget, h, t, keys.device)
