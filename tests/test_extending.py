@@ -3,6 +3,7 @@ presence of the previous handle's rows, into a new handle (issue #8)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 
@@ -21,6 +22,7 @@ from vllm_compaction import documents, hf, store
 pytestmark = pytest.mark.slow
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
 GENERATED = 8
+FOLLOW_UP = [{"role": "user", "content": "Who is it about?"}]
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +77,38 @@ def _complete(client, prompt, handle_id=None):
     return out.choices[0].logprobs
 
 
+def _chat(client, messages, handle_id=None):
+    """Greedy tokens and top logprobs of a short chat reply."""
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=GENERATED,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=5,
+        extra_body={"compaction": handle_id} if handle_id else {},
+    )
+    content = out.choices[0].logprobs.content
+    return [t.token for t in content], [
+        {x.token: x.logprob for x in t.top_logprobs} for t in content
+    ]
+
+
+def _conversation(tokenizer, parts):
+    """A document read in one turn, then a tool call and its output."""
+    old, new, _ = parts
+    history = [{"role": "user", "content": f"Read this:\n{tokenizer.decode(old)}"}]
+    turns = [
+        {"role": "assistant", "content": "Calling the search tool."},
+        {"role": "user", "content": f"Tool output:\n{tokenizer.decode(new)}"},
+    ]
+    return history, turns
+
+
+def _listed(client) -> list[str]:
+    return [h["id"] for h in client.get("/compactions?limit=100", cast_to=object)["data"]]
+
+
 def _token_ids(logprobs) -> list[int]:
     return [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
 
@@ -104,33 +138,12 @@ def test_extending_at_ratio_one_continues_like_the_whole_prompt(client, parts):
 
 
 def test_extending_a_conversation_continues_like_the_whole_chat(client, parts, tokenizer):
-    old, new, _ = parts
-    history = [{"role": "user", "content": f"Read this:\n{tokenizer.decode(old)}"}]
-    turns = [
-        {"role": "assistant", "content": "Calling the search tool."},
-        {"role": "user", "content": f"Tool output:\n{tokenizer.decode(new)}"},
-    ]
-    follow_up = [{"role": "user", "content": "Who is it about?"}]
+    history, turns = _conversation(tokenizer, parts)
     first = _compact(client, messages=history, ratio=1, queries="context")
     extended = _compact(client, messages=turns, previous=first["id"], ratio=1, queries="context")
     assert extended["kind"] == "messages"
-
-    def chat(messages, handle_id=None):
-        out = client.chat.completions.create(
-            model=MODEL,
-            messages=messages,
-            max_tokens=GENERATED,
-            temperature=0,
-            logprobs=True,
-            top_logprobs=5,
-            extra_body={"compaction": handle_id} if handle_id else {},
-        )
-        content = out.choices[0].logprobs.content
-        return [t.token for t in content], [
-            {x.token: x.logprob for x in t.top_logprobs} for t in content
-        ]
-
-    assert_same_greedy(*chat(follow_up, extended["id"]), *chat(history + turns + follow_up))
+    chat = functools.partial(_chat, client)
+    assert_same_greedy(*chat(FOLLOW_UP, extended["id"]), *chat(history + turns + FOLLOW_UP))
 
     # At 10x the new turns' template tokens are kept verbatim and repeat queries are used.
     tenth = _compact(client, messages=history, ratio=10)
@@ -139,7 +152,7 @@ def test_extending_a_conversation_continues_like_the_whole_chat(client, parts, t
     assert again["compacted_tokens"] - tenth["compacted_tokens"] == -(
         -again["usage"]["prompt_tokens"] // 10
     )
-    assert chat(follow_up, again["id"])[0]
+    assert chat(FOLLOW_UP, again["id"])[0]
 
 
 def test_extending_a_tenth_serves_what_transformers_computes(client, parts, folder, tiny_llama_dir):
@@ -253,3 +266,86 @@ def test_a_conversation_longer_than_the_model_goes_on_through_extensions(client,
         extra_body={"compaction": extended["id"]},
     )
     assert reply.usage.completion_tokens == 4
+
+
+def test_chunked_compaction_is_the_chain_of_its_extensions(client, parts, folder):
+    old, new, question = parts
+    whole = old + new  # 400 tokens: two chunks of 200
+    before = _listed(client)
+    chunked = _compact(client, prompt=whole, ratio=10, queries="context", chunk_tokens=200)
+    assert _listed(client) == [*before, chunked["id"]]  # one handle; the steps are not kept
+    first = _compact(client, prompt=whole[:200], ratio=10, queries="context")
+    chain = _compact(client, prompt=whole[200:], previous=first["id"], ratio=10, queries="context")
+    assert chunked["chunks"] == 2 and chain["chunks"] == 1
+    assert chunked["original_tokens"] == 400 and chunked["queries"] == "context"
+    assert chunked["compacted_tokens"] == chain["compacted_tokens"] == 40
+    assert chunked["usage"] == {"prompt_tokens": 400, "query_tokens": 0, "total_tokens": 400}
+    stored, expected = _stored(folder, chunked["id"]), _stored(folder, chain["id"])
+    for part, layers in expected.items():
+        for got, want in zip(stored[part], layers, strict=True):
+            torch.testing.assert_close(got, want)
+    _same_greedy(
+        _complete(client, question, chunked["id"]), _complete(client, question, chain["id"])
+    )
+
+
+def test_chunks_at_ratio_one_continue_like_the_whole_input(client, parts, tokenizer):
+    old, new, question = parts
+    # 400 tokens in chunks of 133, 133 and 134, each prefilled after the slots before it.
+    chunked = _compact(client, prompt=old + new, ratio=1, queries="context", chunk_tokens=150)
+    assert chunked["chunks"] == 3 and chunked["compacted_tokens"] == 400
+    _same_greedy(
+        _complete(client, question, chunked["id"]), _complete(client, old + new + question)
+    )
+
+    history, turns = _conversation(tokenizer, parts)
+    talk = _compact(client, messages=history + turns, ratio=1, chunk_tokens=150)
+    assert talk["chunks"] == 3 and talk["queries"] == "context"
+    chat = functools.partial(_chat, client)
+    assert_same_greedy(*chat(FOLLOW_UP, talk["id"]), *chat(history + turns + FOLLOW_UP))
+
+
+def test_an_input_longer_than_the_model_is_compacted_in_chunks_with_progress(
+    server, client, tokenizer
+):
+    articles = documents.squad()["data"][3:5]
+    text = " ".join(p["context"] for article in articles for p in article["paragraphs"])
+    ids = tokenizer(text)["input_ids"][:3000]  # the served model has 2048 positions
+    headers = {"Authorization": "Bearer key-alice"}
+
+    def post(**body):
+        body = {"model": MODEL, "prompt": ids, **body}
+        return httpx.post(f"{server}/v1/compact", json=body, headers=headers, timeout=300)
+
+    whole = post(ratio=10)
+    assert whole.status_code == 400 and "chunk_tokens" in whole.json()["error"]["message"]
+    body = {"model": MODEL, "prompt": ids, "ratio": 10, "chunk_tokens": 1000, "stream": True}
+    with httpx.stream(
+        "POST", f"{server}/v1/compact", json=body, headers=headers, timeout=300
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    progress, handle = [json.loads(e) for e in events[:-2]], json.loads(events[-2])
+    assert [(p["object"], p["chunk"], p["chunks"]) for p in progress] == [
+        ("compaction.progress", i, 3) for i in range(4)
+    ]
+    assert [p["tokens_done"] for p in progress] == [0, 1000, 2000, 3000]
+    assert {p["total_tokens"] for p in progress} == {3000}
+    assert handle["object"] == "compaction" and handle["chunks"] == 3
+    assert (handle["original_tokens"], handle["compacted_tokens"]) == (3000, 300)
+    assert client.get(f"/compactions/{handle['id']}", cast_to=object) == handle
+    assert len(_token_ids(_complete(client, " In short,", handle["id"]))) == GENERATED
+
+    refusals = {
+        "grows past the context": post(ratio=1.5, chunk_tokens=1000),
+        "too small a budget": post(target_tokens=2, chunk_tokens=1000),
+        "too small a chunk": post(chunk_tokens=16),
+        "streamed, bad method": post(chunk_tokens=1000, method="nope", stream=True),
+    }
+    for why, response in refusals.items():
+        assert response.status_code == 400, (why, response.text)
+        assert response.headers["content-type"] == "application/json", why
+    assert refusals["grows past the context"].json()["error"]["param"] == "chunk_tokens"
+    assert "shared by 3 chunks" in refusals["too small a budget"].text

@@ -6,6 +6,7 @@ without a `compaction` field to vLLM's own handlers untouched.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from argparse import Namespace
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -30,6 +31,7 @@ from vllm_compaction.server.protocol import (
     Compaction,
     CompactionDeleted,
     CompactionList,
+    CompactionProgress,
     CompactRequest,
 )
 from vllm_compaction.server.registry import HandleRegistry, Limits
@@ -90,12 +92,15 @@ def _continues_from_handle(kind: str, route: str) -> dict:
     return {"requestBody": {"content": {"application/json": {"schema": schema}}}}
 
 
-def _error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
+def _error_body(message: str, status: int = 400, param: str | None = None) -> dict[str, Any]:
     kind = {400: "BadRequestError", 404: "NotFoundError", 410: "GoneError"}.get(
         status, HTTPStatus(status).phrase.replace(" ", "") + "Error"
     )
-    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
-    return JSONResponse(body, status_code=status)
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _error(message: str, status: int = 400, param: str | None = None) -> JSONResponse:
+    return JSONResponse(_error_body(message, status, param), status_code=status)
 
 
 async def _framework_error(raw: Request, error: HTTPException) -> Response:
@@ -117,12 +122,20 @@ def _service(raw: Request) -> CompactionService:
 @router.post(
     "/v1/compact",
     responses={
-        200: {"model": Compaction, "description": "The new handle."},
+        200: {
+            "model": Compaction,
+            "description": "The new handle. With `stream`: server-sent events, each a JSON "
+            "`data:` line: `compaction.progress` events (one before the first chunk, one per "
+            "chunk), then the handle (or an `error`), then `[DONE]`.",
+            "content": {"text/event-stream": {}},
+        },
         400: {
             "model": ErrorResponse,
             "description": "Invalid body, unknown method, an input longer than the model's "
-            "context (with `previous`: after its slots), a budget smaller than the tokens kept "
-            "verbatim, or a `previous` handle made from the other kind of input.",
+            "context without `chunk_tokens` (with `previous`: after its slots), a chunk that "
+            "does not fit after the compacted chunks before it, a budget smaller than the "
+            "tokens kept verbatim or than the chunks, or a `previous` handle made from the "
+            "other kind of input. A streaming call answers these before its stream begins.",
         },
         404: {
             "model": ErrorResponse,
@@ -136,14 +149,52 @@ async def compact(request: CompactRequest, raw: Request):
     """Read a document or a conversation once, compact its KV cache on the engine's workers and
     store the result as a handle. The handle is on disk before the answer is sent. With
     `previous`, the input continues that handle's context: only the input is read and compacted,
-    in the presence of the handle's rows, and the answer is a new handle holding both."""
+    in the presence of the handle's rows, and the answer is a new handle holding both. An input
+    longer than `chunk_tokens` is compacted chunk by chunk the same way."""
     model_error = await raw.app.state.openai_serving_completion._check_model(request)
     if model_error is not None:
         return JSONResponse(model_error.model_dump(), status_code=model_error.error.code)
+    service, tenant = _service(raw), raw.state.tenant
+    if not request.stream:
+        try:
+            return await service.compact(request, tenant)
+        except CompactionError as error:
+            return _refused(error)
+    events: asyncio.Queue[CompactionProgress | None] = asyncio.Queue()
+    task = asyncio.create_task(service.compact(request, tenant, events.put))
+    task.add_done_callback(lambda _: events.put_nowait(None))
+    # The first event comes once the input is checked and split: refusals before it keep their
+    # status code.
+    first = await events.get()
+    if first is None:
+        try:
+            return task.result()
+        except CompactionError as error:
+            return _refused(error)
+    return StreamingResponse(_compact_events(first, events, task), media_type="text/event-stream")
+
+
+async def _compact_events(
+    first: CompactionProgress,
+    events: asyncio.Queue[CompactionProgress | None],
+    task: asyncio.Task[Compaction],
+) -> AsyncIterator[str]:
+    """Server-sent events of a streaming compaction: progress, then the handle or an error."""
     try:
-        return await _service(raw).compact(request, raw.state.tenant)
-    except CompactionError as error:
-        return _refused(error)
+        event: CompactionProgress | None = first
+        while event is not None:
+            yield f"data: {event.model_dump_json()}\n\n"
+            event = await events.get()
+        try:
+            answer = task.result().model_dump()
+        except CompactionError as error:
+            answer = _error_body(str(error), error.status, error.param)
+        except Exception as error:  # the status line is sent: the failure goes in the stream
+            answer = _error_body(f"compaction failed: {error}", 500)
+        yield f"data: {json.dumps(answer)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        task.cancel()  # a client gone mid-stream stops the compaction; its rows are dropped
 
 
 @router.get(
@@ -413,5 +464,9 @@ class CompactionEndpoints:
             model_facts=_model_facts(model_config),
         )
         state.compaction = CompactionService(
-            engine_client, state.openai_serving_chat, model_config.max_model_len, registry
+            engine_client,
+            state.openai_serving_chat,
+            model_config.max_model_len,
+            engine_client.vllm_config.cache_config.block_size,
+            registry,
         )

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from vllm_compaction.core import METHODS
 
 DEFAULT_RATIO = 10.0
+# Longer inputs are compacted chunk by chunk: the prefill's attention and the recorded queries
+# grow with the length of one pass.
+DEFAULT_CHUNK_TOKENS = 8192
 DEFAULT_TTL_S = 24 * 3600
 MAX_TTL_S = 365 * 24 * 3600
 
@@ -61,7 +64,8 @@ class CompactRequest(BaseModel):
         default="repeat",
         description="Where the reference queries come from. `repeat`: the model reads the "
         "context again after an instruction to repeat it (about twice the context's positions; "
-        "when that exceeds the model's context, `context` is used and the answer says so). "
+        "when that exceeds the model's context, or the input is compacted in chunks, "
+        "`context` is used and the answer says so). "
         "`context`: the context's own queries, each seeing only the keys before it.",
     )
     method: str = Field(
@@ -81,6 +85,23 @@ class CompactRequest(BaseModel):
         ge=1,
         le=MAX_TTL_S,
         description="The handle's lifetime; after it, every use answers 410.",
+    )
+    chunk_tokens: int | None = Field(
+        default=None,
+        ge=32,
+        description=f"Compact inputs longer than this chunk by chunk ({DEFAULT_CHUNK_TOKENS} "
+        "when not given): near-equal chunks, each prefilled after the compacted chunks before "
+        "it and compacted with its own context queries, in their presence (as `previous` "
+        "does). Each chunk and the slots before it must fit in the model's context; the whole "
+        "input need not, but an input longer than the model's context is refused unless this "
+        "is given.",
+    )
+    stream: bool = Field(
+        default=False,
+        description="Answer with server-sent events: `compaction.progress` events (fields "
+        "`chunk`, `chunks`, `tokens_done`, `total_tokens`, `elapsed_s`; chunk 0 once the input "
+        "is checked, then one per chunk compacted), then the handle, then `[DONE]`; an error "
+        "after the stream began comes as an `error` event.",
     )
 
     @model_validator(mode="after")
@@ -155,13 +176,29 @@ class Compaction(BaseModel):
     ratio: float = Field(description="`original_tokens` / `compacted_tokens`.")
     method: str = Field(description="The method that made it.")
     queries: Literal["repeat", "context"] = Field(
-        description="The query source that was used (`context` when `repeat` did not fit)."
+        description="The query source that was used (`context` when `repeat` did not fit or "
+        "the input was compacted in chunks)."
     )
     previous: str | None = Field(
         default=None, description="The handle it extends (`previous` of the request), or null."
     )
+    chunks: int = Field(default=1, description="Chunks the input was compacted in.")
     usage: CompactionUsage = Field(description="Tokens prefilled to make it.")
     timing: CompactionTiming = Field(description="Seconds spent making it.")
+
+
+class CompactionProgress(BaseModel):
+    """An event of a streaming `POST /v1/compact`: one more chunk is compacted."""
+
+    object: Literal["compaction.progress"] = "compaction.progress"
+    chunk: int = Field(
+        description="Chunks compacted so far: 0 in the first event, sent once the input is "
+        "checked and split."
+    )
+    chunks: int = Field(description="Chunks in all.")
+    tokens_done: int = Field(description="Input tokens compacted so far.")
+    total_tokens: int = Field(description="The input's tokens.")
+    elapsed_s: float = Field(description="Seconds since the call began.")
 
 
 class CompactionDeleted(BaseModel):

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import math
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from vllm import SamplingParams
@@ -23,14 +25,19 @@ from vllm_compaction.engine.params import private_salt, signed
 from vllm_compaction.server import metrics
 from vllm_compaction.server.errors import CompactionError
 from vllm_compaction.server.protocol import (
+    DEFAULT_CHUNK_TOKENS,
     DEFAULT_RATIO,
     Compaction,
+    CompactionProgress,
     CompactionTiming,
     CompactionUsage,
     CompactRequest,
 )
 from vllm_compaction.server.registry import HandleRecord, HandleRegistry, new_handle_id
 from vllm_compaction.templates import verbatim_spans
+
+logger = logging.getLogger(f"vllm.{__name__}")
+Progress = Callable[[CompactionProgress], Awaitable[None]]
 
 POLL_S = 0.05  # how often the server asks the workers whether a compaction finished
 PLACEHOLDER_ID = 0  # any valid id: the engine never computes these positions
@@ -39,18 +46,27 @@ REPEAT_INSTRUCTION = "Repeat the previous context exactly, word for word."
 
 class CompactionService:
     def __init__(
-        self, engine_client: Any, chat_serving: Any, max_model_len: int, registry: HandleRegistry
+        self,
+        engine_client: Any,
+        chat_serving: Any,
+        max_model_len: int,
+        block_size: int,
+        registry: HandleRegistry,
     ) -> None:
         self.engine = engine_client
         self.chat_serving = chat_serving
         self.max_model_len = max_model_len
+        self.block_size = block_size
         self.registry = registry
 
-    async def compact(self, request: CompactRequest, tenant: str) -> Compaction:
+    async def compact(
+        self, request: CompactRequest, tenant: str, progress: Progress | None = None
+    ) -> Compaction:
+        """Make a handle; `progress` hears of every chunk compacted."""
         # Callers' strings must not become label values (unbounded series).
         method = request.method if request.method in METHODS else "unknown"
         try:
-            info, added = await self._compact(request, tenant)
+            info, added = await self._compact(request, tenant, progress)
         except CompactionError:
             metrics.COMPACTIONS.labels(method, "refused").inc()
             raise
@@ -65,7 +81,9 @@ class CompactionService:
             metrics.SECONDS.labels(stage).observe(getattr(info.timing, f"{stage}_s"))
         return info
 
-    async def _compact(self, request: CompactRequest, tenant: str) -> tuple[Compaction, int]:
+    async def _compact(
+        self, request: CompactRequest, tenant: str, progress: Progress | None
+    ) -> tuple[Compaction, int]:
         """The new handle and the compacted tokens it added."""
         if request.method not in METHODS:
             known = ", ".join(METHODS)
@@ -73,7 +91,7 @@ class CompactionService:
                 f"unknown method {request.method!r}; known: {known}", param="method"
             )
         if request.previous is None:
-            return await self._compact_input(request, tenant, None)
+            return await self._compact_input(request, tenant, None, progress)
         # Held until the new handle is made: its rows are read by the capture and the fit.
         self.registry.acquire(request.previous)
         try:
@@ -84,53 +102,175 @@ class CompactionService:
                     f"'{previous.info.kind}'",
                     param="previous",
                 )
-            return await self._compact_input(request, tenant, previous)
+            return await self._compact_input(request, tenant, previous, progress)
         finally:
             await self.registry.release(request.previous)
 
     async def _compact_input(
-        self, request: CompactRequest, tenant: str, previous: HandleRecord | None
+        self,
+        request: CompactRequest,
+        tenant: str,
+        previous: HandleRecord | None,
+        progress: Progress | None,
     ) -> tuple[Compaction, int]:
         began = time.perf_counter()
         source = await self._context_tokens(request, previous)
-        ids, offset = source.ids, source.offset
-        total = len(ids)
-        if offset + total + 1 > self.max_model_len:
-            before = f"{offset} slots of the previous handle + " if previous else ""
+        total = len(source.ids)
+        budget = _budget(request, total)
+        link = None
+        if previous is not None:
+            link = _Link(previous.info.id, previous.slots, previous.info.compacted_tokens)
+        chunks = self._chunks(request, source, budget, link)
+        if progress is not None:  # checked and split: the work begins
+            await progress(_progress(0, chunks, 0, began))
+        if len(chunks) == 1:
+            capture_ids, query_range, queries = await self._capture_prompt(request, source)
+        else:  # repeat queries would need each chunk twice; its own queries serve it
+            queries = "context"
+        prefill_s = compact_s = 0.0
+        query_tokens = 0
+        try:
+            for number, chunk in enumerate(chunks, 1):
+                if len(chunks) > 1:
+                    ids = source.ids[chunk.start : chunk.end]
+                    capture_ids, query_range = ids, (0, len(ids))
+                options = {
+                    "budget": chunk.budget,
+                    "keep_first": request.first_kept if chunk.start == 0 else 0,
+                    "protected": chunk.protected,
+                    "method": request.method,
+                    "causal": queries == "context",
+                }
+                made = await self._compact_on_workers(
+                    capture_ids, chunk.end - chunk.start, query_range, link, options
+                )
+                if link is not None and link.made_here:  # a chunk's step, superseded now
+                    await self.engine.collective_rpc("compaction_delete", args=(link.id,))
+                link = made
+                prefill_s, compact_s = prefill_s + made.prefill_s, compact_s + made.compact_s
+                query_tokens += len(capture_ids) - (query_range[1] - query_range[0])
+                if len(chunks) > 1:
+                    logger.info(
+                        "compaction %s: chunk %d/%d, %d of %d tokens in %.1f s",
+                        made.id, number, len(chunks), chunk.end, total,
+                        time.perf_counter() - began,
+                    )  # fmt: skip
+                if progress is not None:
+                    await progress(_progress(number, chunks, chunk.end, began))
+        except BaseException:
+            if link is not None and link.made_here:
+                await self.engine.collective_rpc("compaction_delete", args=(link.id,))
+            raise
+        done = time.perf_counter()
+
+        original, compacted = total, budget
+        if previous is not None:
+            original += previous.info.original_tokens
+            compacted += previous.info.compacted_tokens
+        now = int(time.time())
+        info = Compaction(
+            id=link.id,
+            model=request.model,
+            kind=request.kind,
+            created_at=now,
+            expires_at=now + request.ttl_seconds,
+            original_tokens=original,
+            compacted_tokens=compacted,
+            ratio=original / compacted,
+            method=request.method,
+            queries=queries,
+            previous=request.previous,
+            chunks=len(chunks),
+            usage=CompactionUsage(
+                prompt_tokens=total, query_tokens=query_tokens, total_tokens=total + query_tokens
+            ),
+            timing=CompactionTiming(
+                prefill_s=prefill_s,
+                queries_s=0.0,  # queries are recorded during the prefill itself
+                compact_s=compact_s,
+                total_s=done - began,
+            ),
+        )
+        record = HandleRecord(info, source.context, link.slots, link.bytes, tenant, source.messages)
+        await self.registry.add(record)
+        return info, budget
+
+    def _chunks(
+        self, request: CompactRequest, source: _Source, budget: int, link: _Link | None
+    ) -> list[_Chunk]:
+        """The input's chunks, each with its share of the budget; refuses a split that cannot
+        hold its verbatim tokens or whose chunks do not fit after the slots before them."""
+        total, offset = len(source.ids), link.slots if link is not None else 0
+        if request.chunk_tokens is None and offset + total + 1 > self.max_model_len:
+            before = f"{offset} slots of the previous handle + " if offset else ""
             raise CompactionError(
                 f"{before}the input's {total} tokens exceed the model's context of "
-                f"{self.max_model_len}",
+                f"{self.max_model_len}; give 'chunk_tokens' to compact it chunk by chunk",
                 param="prompt" if request.kind == "prompt" else "messages",
             )
-        budget = _budget(request, total)
-        verbatim = set(range(min(request.first_kept, total)))
-        verbatim.update(i for start, end in source.protected for i in range(start, end))
-        if budget < len(verbatim):
-            raise CompactionError(
-                f"a budget of {budget} tokens cannot hold the {len(verbatim)} tokens kept "
-                "verbatim (first tokens and chat template); raise target_tokens or lower ratio"
-            )
-        capture_ids, query_range, queries = await self._capture_prompt(request, source)
+        count = math.ceil(total / (request.chunk_tokens or DEFAULT_CHUNK_TOKENS))
+        ends = [total * i // count for i in range(count + 1)]  # near-equal chunks
+        shares = [budget * end // total for end in ends]
+        rows = link.rows if link is not None else 0
+        chunks: list[_Chunk] = []
+        for start, end, low, high in zip(ends, ends[1:], shares, shares[1:], strict=False):
+            if chunks:  # after the chunks before it, padded to whole blocks as the workers do
+                offset = math.ceil(rows / self.block_size) * self.block_size
+            if offset + (end - start) + 1 > self.max_model_len:
+                raise CompactionError(
+                    f"a chunk of {end - start} tokens after {offset} compacted slots exceeds "
+                    f"the model's context of {self.max_model_len}; lower chunk_tokens or raise "
+                    "ratio",
+                    param="chunk_tokens",
+                )
+            if high == low:
+                raise CompactionError(
+                    f"a budget of {budget} tokens cannot be shared by {count} chunks; raise "
+                    "target_tokens, lower ratio or raise chunk_tokens",
+                    param="chunk_tokens",
+                )
+            spans = [
+                [max(a, start) - start, min(b, end) - start]
+                for a, b in source.protected
+                if a < end and b > start
+            ]
+            verbatim = set(range(min(request.first_kept, end))) if start == 0 else set()
+            verbatim.update(i for a, b in spans for i in range(a, b))
+            if high - low < len(verbatim):
+                raise CompactionError(
+                    f"a budget of {high - low} tokens cannot hold the {len(verbatim)} tokens "
+                    "kept verbatim (first tokens and chat template); raise target_tokens or "
+                    "lower ratio"
+                )
+            chunks.append(_Chunk(start, end, high - low, spans))
+            rows += high - low
+        return chunks
 
+    async def _compact_on_workers(
+        self,
+        capture_ids: list[int],
+        context_len: int,
+        query_range: tuple[int, int],
+        link: _Link | None,
+        options: dict[str, Any],
+    ) -> _Link:
+        """Prefill `capture_ids` after `link`'s slots, recording the keys and values of their
+        first `context_len` tokens and the queries of `query_range`, then compact those on
+        every worker into a new handle that the workers hold."""
+        began = time.perf_counter()
         handle_id = new_handle_id()
+        offset = link.slots if link is not None else 0
         capture = {
             "capture": handle_id,
-            "context_len": total,
+            "context_len": context_len,
             "query_start": query_range[0],
             "query_end": query_range[1],
             "offset": offset,
         }
-        options = {
-            "budget": budget,
-            "keep_first": request.first_kept,
-            "protected": source.protected,
-            "method": request.method,
-            "causal": queries == "context",
-        }
-        if previous is not None:
+        if link is not None:
             # Prefilled after the previous handle's slots, which it reads like a completion.
-            capture.update(handle=previous.info.id, slots=previous.slots)
-            options.update(previous=previous.info.id, previous_rows=previous.info.compacted_tokens)
+            capture.update(handle=link.id, slots=link.slots)
+            options = {**options, "previous": link.id, "previous_rows": link.rows}
         params = SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": signed(capture)})
         # A fresh salt: a prefix-cache hit would skip the forward that records the rows.
         prompt = tokens_input(
@@ -152,42 +292,16 @@ class CompactionService:
             if isinstance(error, Exception):
                 raise CompactionError(f"compaction failed: {error}") from error
             raise
-        slots = replies[0]["slots"]
-        done = time.perf_counter()
-
-        original, compacted = total, budget
-        if previous is not None:
-            original += previous.info.original_tokens
-            compacted += previous.info.compacted_tokens
-        now = int(time.time())
-        info = Compaction(
-            id=handle_id,
-            model=request.model,
-            kind=request.kind,
-            created_at=now,
-            expires_at=now + request.ttl_seconds,
-            original_tokens=original,
-            compacted_tokens=compacted,
-            ratio=original / compacted,
-            method=request.method,
-            queries=queries,
-            previous=request.previous,
-            usage=CompactionUsage(
-                prompt_tokens=total,
-                query_tokens=len(capture_ids) - total,
-                total_tokens=len(capture_ids),
-            ),
-            timing=CompactionTiming(
-                prefill_s=prefilled - began,
-                queries_s=0.0,  # queries are recorded during the prefill itself
-                compact_s=done - prefilled,
-                total_s=done - began,
-            ),
+        rows = options["budget"] + (link.rows if link is not None else 0)
+        return _Link(
+            handle_id,
+            replies[0]["slots"],
+            rows,
+            bytes=replies[0]["bytes"] * len(replies),
+            prefill_s=prefilled - began,
+            compact_s=time.perf_counter() - prefilled,
+            made_here=True,
         )
-        held = replies[0]["bytes"] * len(replies)
-        record = HandleRecord(info, source.context, slots, held, tenant, source.messages)
-        await self.registry.add(record)
-        return info, budget
 
     async def completion_prompt(
         self, handle_id: str, prompt: Any, tenant: str
@@ -346,6 +460,39 @@ class _Source:
     offset: int
     context: list[int]  # every token of the context so far: the previous handle's, then ids
     messages: list[dict[str, Any]] | None  # the whole conversation, for a messages handle
+
+
+@dataclasses.dataclass
+class _Chunk:
+    """Tokens [start, end) of the input, compacted in one pass to `budget` rows."""
+
+    start: int
+    end: int
+    budget: int
+    protected: list[list[int]]  # spans kept verbatim, relative to start
+
+
+@dataclasses.dataclass
+class _Link:
+    """A handle the workers hold that the next chunk is prefilled after."""
+
+    id: str
+    slots: int
+    rows: int  # compacted rows before the padding to whole blocks
+    bytes: int = 0
+    prefill_s: float = 0.0
+    compact_s: float = 0.0
+    made_here: bool = False  # one of this call's steps, not the caller's previous handle
+
+
+def _progress(number: int, chunks: list[_Chunk], done: int, began: float) -> CompactionProgress:
+    return CompactionProgress(
+        chunk=number,
+        chunks=len(chunks),
+        tokens_done=done,
+        total_tokens=chunks[-1].end,
+        elapsed_s=time.perf_counter() - began,
+    )
 
 
 def _budget(request: CompactRequest, total: int) -> int:
