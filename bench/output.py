@@ -39,10 +39,11 @@ def write_json(name: str, data: Any) -> Path:
     return path
 
 
-def update_doc(section: str, markdown: str, doc: Path = DOC) -> None:
-    """Replace (or append) the doc's block between this section's markers."""
+def update_doc(section: str, markdown: str, doc: Path = DOC, title: str = DOC_TITLE) -> None:
+    """Replace (or append) the doc's block between this section's markers; a new doc starts
+    with `title`."""
     start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
-    text = doc.read_text() if doc.is_file() else DOC_TITLE
+    text = doc.read_text() if doc.is_file() else title
     block = f"{start}\n{markdown.strip()}\n{end}"
     if start in text and end in text:
         before, rest = text.split(start, 1)

@@ -20,7 +20,7 @@ from pathlib import Path
 import openai
 from transformers import AutoTokenizer
 
-from bench.output import markdown_table, write_json
+from bench.output import markdown_table, update_doc, write_json
 from tests.server import served
 from vllm_compaction import documents, models
 from vllm_compaction.cli import SERVE_ENV
@@ -28,6 +28,7 @@ from vllm_compaction.cli import SERVE_ENV
 MODEL = "smollm2-135m"
 BLOCK = 128  # vLLM's CPU default
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks-serving.md"
+TITLE = "# Serving benchmarks\n"
 
 
 def _contexts(tokenizer, lengths: list[int]) -> list[list[int]]:
@@ -180,8 +181,9 @@ def main() -> None:
         },
     }
     write_json("serving", result)
-    DOC.write_text(_markdown(result))
-    print(DOC.read_text())
+    markdown = _markdown(result)
+    update_doc("serving", markdown, DOC, TITLE)  # bench/long_context.py writes its own section
+    print(markdown)
 
 
 def _markdown(result: dict) -> str:
@@ -217,7 +219,7 @@ def _markdown(result: dict) -> str:
     return (
         "\n\n".join(
             [
-                "# Serving benchmarks\n\nWritten by `python -m bench.serving`; "
+                "Written by `python -m bench.serving`; "
                 f"SmolLM2-135M-Instruct (bf16) on {result['machine']}, CPU only, ratio 20.",
                 "## Targets (issue 4)\n\n" + targets,
                 "## /v1/compact against a plain prefill of the same context\n\n"

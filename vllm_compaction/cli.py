@@ -27,6 +27,10 @@ SERVE_DEFAULTS = [
 SERVE_ENV = {
     # Allow-list over every vLLM plugin group: ours, and nothing that happens to be installed.
     "VLLM_PLUGINS": "compaction",
+    # On CPU one engine step of a long prefill on a handle (2048 new rows over thousands of
+    # slots, e.g. a chunk of a long input) can pass vLLM's 300 s default, and a step that
+    # times out kills the engine. The caller's environment still wins.
+    "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "3600",
 }
 
 

@@ -121,12 +121,12 @@ class CompactionService:
         if previous is not None:
             link = _Link(previous.info.id, previous.slots, previous.info.compacted_tokens)
         chunks = self._chunks(request, source, budget, link)
-        if progress is not None:  # checked and split: the work begins
-            await progress(_progress(0, chunks, 0, began))
         if len(chunks) == 1:
             capture_ids, query_range, queries = await self._capture_prompt(request, source)
         else:  # repeat queries would need each chunk twice; its own queries serve it
             queries = "context"
+        if progress is not None:  # checked and split: the work begins
+            await progress(_progress(0, chunks, 0, began))
         prefill_s = compact_s = 0.0
         query_tokens = 0
         try:
