@@ -165,7 +165,11 @@ async def compact(request: CompactRequest, raw: Request):
     task.add_done_callback(lambda _: events.put_nowait(None))
     # The first event comes once the input is checked and split: refusals before it keep their
     # status code.
-    first = await events.get()
+    try:
+        first = await events.get()
+    except asyncio.CancelledError:  # the client left before the stream began
+        task.cancel()
+        raise
     if first is None:
         try:
             return task.result()
