@@ -402,8 +402,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             runs.append(done[index])
             continue
         runs.append(run_article(model, tokenizer, index, variants, args.ratios, args))
-        summary = summarise(runs)  # saved after every article: a long run keeps what it did
-        write_json(args.tag, {"config": config, "summary": summary, "articles": runs})
+        # Saved after every article: a long run keeps what it did.
+        write_json(args.tag, {"config": config, "summary": summarise(runs), "articles": runs})
+    summary = summarise(runs)
     table = summary_table(summary)
     print(table)
     plot(summary, args.model, str(RESULTS / f"{args.tag}.png"))

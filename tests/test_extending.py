@@ -120,6 +120,22 @@ def _stored(folder, handle_id: str) -> dict[str, list[torch.Tensor]]:
     return store.load_layers(path / entry["file"], entry["sha256"])
 
 
+def _reference(model, rows, prompt, served, hidden_rows: int = 0) -> torch.Tensor:
+    """Transformers' logprobs of the served greedy tokens after a handle's stored rows and
+    `prompt`; `hidden_rows` masks the first rows out (a negative control)."""
+    generated = _token_ids(served)
+    prefix = []
+    for k, b, v in zip(rows["keys"], rows["bias"], rows["values"], strict=True):
+        b = b.clone()
+        b[:, :hidden_rows] = -math.inf
+        prefix.append(hf.Prefix(k.float(), b, v.float()))
+    ids = torch.tensor(prompt + generated)
+    slots = rows["keys"][0].shape[1]
+    logprobs = torch.log_softmax(hf.continuation_logits(model, prefix, slots, ids), dim=-1)
+    steps = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(generated))
+    return logprobs[steps, torch.tensor(generated)]
+
+
 def _same_greedy(a, b, atol=1e-4) -> None:
     assert_same_greedy(a.tokens, a.top_logprobs, b.tokens, b.top_logprobs, atol=atol)
 
@@ -181,30 +197,55 @@ def test_extending_a_tenth_serves_what_transformers_computes(client, parts, fold
     assert new_bias.abs().max() > 0.01  # the new part really carries a fitted beta
 
     served = _complete(client, question, extended["id"])
-    generated = _token_ids(served)
-
-    def reference(bias_of_previous_rows: float | None = None) -> torch.Tensor:
-        prefix = []
-        for k, b, v in zip(rows["keys"], rows["bias"], rows["values"], strict=True):
-            if bias_of_previous_rows is not None:
-                b = b.clone()
-                b[:, :kept] = bias_of_previous_rows
-            prefix.append(hf.Prefix(k.float(), b, v.float()))
-        ids = torch.tensor(question + generated)
-        logprobs = torch.log_softmax(hf.continuation_logits(model, prefix, slots, ids), dim=-1)
-        steps = torch.arange(len(question) - 1, len(question) - 1 + GENERATED)
-        return logprobs[steps, torch.tensor(generated)]
-
     got = torch.tensor(served.token_logprobs)
-    torch.testing.assert_close(got, reference(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, _reference(model, rows, question, served), atol=1e-4, rtol=0)
     # Negative control: the same comparison without the previous rows must fail.
-    assert (got - reference(-math.inf)).abs().max() > 1e-3
+    without = _reference(model, rows, question, served, hidden_rows=kept)
+    assert (got - without).abs().max() > 1e-3
 
     # Both handles stand on their own: the old one answers as before, also once the other
     # exists, and the new one keeps answering once the old one is deleted.
     _same_greedy(_complete(client, question, first["id"]), before, atol=1e-5)
     client.delete(f"/compactions/{first['id']}", cast_to=object)
     _same_greedy(_complete(client, question, extended["id"]), served, atol=1e-5)
+
+
+def test_recompacting_folds_the_previous_rows_into_a_handle_of_one_size(
+    client, parts, folder, tiny_llama_dir
+):
+    old, new, question = parts
+    first = _compact(client, prompt=old, ratio=5, queries="context")  # 50 rows in 64 slots
+    folded = _compact(
+        client, prompt=new, previous=first["id"], recompact=True, target_tokens=50,
+        queries="context",
+    )  # fmt: skip
+    assert folded["compacted_tokens"] == 50 and folded["original_tokens"] == len(old) + len(new)
+    assert folded["previous"] == first["id"] and folded["ratio"] == 8
+    earlier, rows = _stored(folder, first["id"]), _stored(folder, folded["id"])
+    assert rows["keys"][0].shape == earlier["keys"][0].shape  # 64 slots, as before
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    # Every key carries its slot's rotation; the context moved by -len(new) positions.
+    delta = torch.tensor([[-len(new)]])
+    for layer in range(len(rows["keys"])):
+        cos, sin = model.model.rotary_emb(rows["keys"][layer], delta)
+        _, moved = apply_rotary_pos_emb(rows["keys"][layer], earlier["keys"][layer], cos, sin)
+        moved, keys = moved[0][:, :50], rows["keys"][layer][:, :50]
+        # The first rows (the context's first tokens) stay verbatim with beta = 0.
+        torch.testing.assert_close(keys[:, :4], moved[:, :4], atol=1e-5, rtol=0)
+        assert not rows["bias"][layer][:, :4].any()
+        # The rest is chosen among the previous rows and the new tokens alike.
+        distance = torch.cdist(keys[:, 4:], moved[:, 4:]).amin(dim=-1)
+        from_previous = (distance < 1e-4).sum().item()
+        assert 0 < from_previous < distance.numel(), (layer, from_previous)
+
+    served = _complete(client, question, folded["id"])
+    got = torch.tensor(served.token_logprobs)
+    torch.testing.assert_close(got, _reference(model, rows, question, served), atol=1e-4, rtol=0)
+
+    with pytest.raises(openai.BadRequestError) as refused:  # more than one chunk
+        _compact(client, prompt=new, previous=first["id"], recompact=True, chunk_tokens=64)
+    assert refused.value.body["param"] == "recompact"
 
 
 def test_bad_extensions_are_refused(server, client, parts):

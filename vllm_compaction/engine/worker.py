@@ -37,7 +37,8 @@ class CompactionWorkerExtension:
         options: budget (kept rows per head, verbatim included), keep_first, protected
         ([start, end) spans kept verbatim), method, causal (queries see only earlier keys);
         for an extension, previous (the handle the capture was prefilled after) and
-        previous_rows (its rows before the padding, which the new handle keeps).
+        previous_rows (its rows before the padding, which the new handle keeps), and fold:
+        compact those rows again together with the new ones (budget then counts both).
         """
         capture = STATE.captures.pop(key, None)
         if capture is None or not capture.chunks:
@@ -104,8 +105,19 @@ def _compacted_handle(
     whole blocks (padding bias -inf). An extension keeps the previous handle's rows first."""
     began = time.perf_counter()
     keys, values, queries, positions = _stack(capture)
-    outside = None
-    if previous is not None:
+    biases = outside = None
+    protected = [tuple(span) for span in options.get("protected", [])]
+    if previous is not None and options.get("fold"):
+        # The previous rows come first (keep_first counts them) and every new query sees all
+        # of them.
+        earlier = previous.slots
+        keys = [torch.cat(pair, dim=1) for pair in zip(previous.keys, keys, strict=True)]
+        values = [torch.cat(pair, dim=1) for pair in zip(previous.values, values, strict=True)]
+        biases = [torch.nn.functional.pad(b, (0, capture.context_len)) for b in previous.bias]
+        positions = [p + earlier for p in positions]
+        protected = [(start + earlier, end + earlier) for start, end in protected]
+        previous = None
+    elif previous is not None:
         # The new part's queries also attend to the previous rows: the fit must weigh each
         # query by the share of its attention the new part gets.
         # Every new query comes after every previous row: no causal mask.
@@ -119,9 +131,10 @@ def _compacted_handle(
         queries,
         budget=options["budget"],
         query_positions=positions if options.get("causal") else None,
+        biases=biases,
         outside_lse=outside,
         keep_first=options.get("keep_first", 4),
-        protected=[tuple(span) for span in options.get("protected", [])],
+        protected=protected,
         method=options.get("method", "am-highest"),
     )
     rows = options["budget"] + (previous.slots if previous is not None else 0)

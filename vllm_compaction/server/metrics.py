@@ -45,3 +45,7 @@ STORE_EVICTIONS = Counter(
     "Handles spilled from worker memory (memory) or removed from disk (disk) by the budgets",
     ["budget"],
 )
+ONLINE_COMPACTIONS = Counter(
+    "vllm_compaction:online_compactions_total",
+    "Compactions of a running request's own context (`context_management`)",
+)

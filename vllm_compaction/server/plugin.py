@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from vllm.entrypoints.openai.chat_completion.api_router import create_chat_completion
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -25,7 +26,7 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from vllm_compaction import portable, store
 from vllm_compaction.engine.params import PARAMS_KEY
-from vllm_compaction.server import metrics
+from vllm_compaction.server import metrics, online
 from vllm_compaction.server.errors import CompactionError
 from vllm_compaction.server.protocol import (
     Compaction,
@@ -33,6 +34,7 @@ from vllm_compaction.server.protocol import (
     CompactionList,
     CompactionProgress,
     CompactRequest,
+    ContextManagement,
 )
 from vllm_compaction.server.registry import HandleRegistry, Limits
 from vllm_compaction.server.service import CompactionService
@@ -81,14 +83,25 @@ _HANDLE_REQUEST_ANSWERS = {
 
 
 def _continues_from_handle(kind: str, route: str) -> dict:
-    """openapi_extra that adds the `compaction` field to vLLM's request body schema."""
+    """openapi_extra that adds our fields to vLLM's request body schema."""
     field = {
         "type": "string",
         "description": f"A handle id from `POST /v1/compact` made from {kind}. The model "
         f"continues from the compacted context followed by this request's {route}. Many "
         "requests can use one handle at once; its KV blocks exist once.",
     }
-    schema = {"properties": {"compaction": field}}
+    management = {
+        **ContextManagement.model_json_schema(),
+        "description": "`{compact_threshold, keep_fraction = 0.2, keep_last = 64}`: compact "
+        "this request's own context whenever its cache (compacted slots in whole KV blocks + "
+        "tokens after them) reaches `compact_threshold` tokens, then go on generating: "
+        "everything but the last `keep_last` tokens (earlier compacted rows included) becomes "
+        "`keep_fraction` as many rows, fitted with those tokens' own queries. "
+        "`usage.compactions` counts them. Settings under which a compaction could not make "
+        "room are refused (400). Not with `stream`, `n` > 1, logprobs, `echo`, beam search or "
+        "tools; stop strings are matched within each stretch between compactions.",
+    }
+    schema = {"properties": {"compaction": field, online.PARAM: management}}
     return {"requestBody": {"content": {"application/json": {"schema": schema}}}}
 
 
@@ -365,6 +378,8 @@ async def _serve(request: Any, raw: Request, endpoint: str, stock: Callable, pla
     # Only this plugin may address the engine's compaction machinery.
     if PARAMS_KEY in (request.kv_transfer_params or {}):
         return _error(f"kv_transfer_params.{PARAMS_KEY} is reserved", param="kv_transfer_params")
+    if online.PARAM in (request.model_extra or {}):
+        return await _serve_online(request, raw, endpoint)
     if "compaction" not in (request.model_extra or {}):
         if request.cache_salt is not None:  # a caller's salt can never equal a handle's
             request.cache_salt = f"user:{raw.state.tenant}:{request.cache_salt}"
@@ -395,6 +410,38 @@ async def _serve(request: Any, raw: Request, endpoint: str, stock: Callable, pla
         raise
     metrics.HANDLE_REQUESTS.labels(endpoint).inc()
     return await _holding(service.registry, handle_id, stock(request, raw))
+
+
+async def _serve_online(request: Any, raw: Request, endpoint: str) -> Response:
+    """A request with `context_management`: generated in segments, compacting in between."""
+    try:
+        settings = ContextManagement.model_validate(request.model_extra[online.PARAM])
+    except ValidationError as error:
+        return _error(f"invalid {online.PARAM}: {error}", param=online.PARAM)
+    if refused := online.unavailable(request):
+        names = ", ".join(f"'{name}'" for name in refused)
+        return _error(f"{names} not available with '{online.PARAM}'", param=online.PARAM)
+    state = raw.app.state
+    model_error = await state.openai_serving_completion._check_model(request)
+    if model_error is not None:
+        return JSONResponse(model_error.model_dump(), status_code=model_error.error.code)
+    chat = endpoint == "chat"
+    serving = state.openai_serving_chat if chat else state.openai_serving_completion
+    service, handle_id = _service(raw), None
+    try:
+        if "compaction" in request.model_extra:
+            handle_id = _handle_field(request)
+            service.registry.acquire(handle_id)
+            metrics.HANDLE_REQUESTS.labels(endpoint).inc()
+        answer = await online.generate(
+            service, request, settings, raw.state.tenant, handle_id, serving.default_sampling_params
+        )
+    except CompactionError as error:
+        return _refused(error)
+    finally:
+        if handle_id is not None:
+            await service.registry.release(handle_id)
+    return JSONResponse(answer.model_dump(exclude_none=True))
 
 
 async def _holding(registry: HandleRegistry, handle_id: str, call: Awaitable[Response]):

@@ -47,18 +47,27 @@ class CompactRequest(BaseModel):
         "previous handle stays valid until deleted. Its slots and the input must fit in the "
         "model's context; the whole context need not.",
     )
+    recompact: bool = Field(
+        default=False,
+        description="With `previous`: compact the previous handle's rows again together with "
+        "the input (their betas carried), so the new handle's size is set by `ratio` or "
+        "`target_tokens` over both, not added to the previous one. Keeps a growing context "
+        "under a fixed size; the input must fit in one chunk.",
+    )
     ratio: float | None = Field(
         default=None,
         ge=1.0,
         description=f"Input tokens per compacted token; {DEFAULT_RATIO:g} when neither this "
         "nor `target_tokens` is given. Tokens kept verbatim count toward the budget. With "
-        "`previous`, it applies to the new input only.",
+        "`previous`, it applies to the new input only (with `recompact`, to the previous "
+        "handle's rows and the input together).",
     )
     target_tokens: int | None = Field(
         default=None,
         ge=1,
         description="The number of compacted tokens, instead of a ratio; below the input's "
-        "length. With `previous`, the tokens the new input adds.",
+        "length. With `previous`, the tokens the new input adds (with `recompact`, the new "
+        "handle's tokens in all).",
     )
     queries: Literal["repeat", "context"] = Field(
         default="repeat",
@@ -78,7 +87,8 @@ class CompactRequest(BaseModel):
         default=None,
         ge=0,
         description="The first tokens of the input, kept verbatim (attention sinks); 4 by "
-        "default, 0 with `previous` (its handle holds the context's first tokens).",
+        "default, 0 with `previous` (its handle holds the context's first tokens). With "
+        "`recompact`, the previous handle's first rows are the ones kept (4 by default).",
     )
     ttl_seconds: int = Field(
         default=DEFAULT_TTL_S,
@@ -114,6 +124,8 @@ class CompactRequest(BaseModel):
             raise ValueError("'messages' is empty")
         if self.ratio is not None and self.target_tokens is not None:
             raise ValueError("give at most one of 'ratio' or 'target_tokens'")
+        if self.recompact and self.previous is None:
+            raise ValueError("'recompact' needs 'previous'")
         return self
 
     @property
@@ -125,7 +137,7 @@ class CompactRequest(BaseModel):
         """`keep_first` with its default resolved."""
         if self.keep_first is not None:
             return self.keep_first
-        return 0 if self.previous is not None else 4
+        return 0 if self.previous is not None and not self.recompact else 4
 
 
 class CompactionUsage(BaseModel):
@@ -219,3 +231,29 @@ class CompactionList(BaseModel):
         description="The last handle's id: pass it as `after` for the next page."
     )
     has_more: bool = Field(description="Whether handles follow this page.")
+
+
+class ContextManagement(BaseModel):
+    """`context_management` of a chat or completion request: compact the request's own cache
+    whenever it reaches `compact_threshold` tokens, so a long generation runs under a cap."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    compact_threshold: int = Field(
+        ge=2,
+        description="Cache size in tokens (compacted slots, padded to whole KV blocks, and "
+        "the tokens after them) at which the context is compacted; at most the model's "
+        "context.",
+    )
+    keep_fraction: float = Field(
+        default=0.2,
+        gt=0.0,
+        lt=1.0,
+        description="Size of the compacted part relative to what it replaces: the compacted "
+        "rows so far and every token but the last `keep_last`.",
+    )
+    keep_last: int = Field(
+        default=64,
+        ge=0,
+        description="The newest tokens, kept verbatim after the compacted part.",
+    )

@@ -116,10 +116,12 @@ class CompactionService:
         began = time.perf_counter()
         source = await self._context_tokens(request, previous)
         total = len(source.ids)
-        budget = _budget(request, total)
         link = None
         if previous is not None:
-            link = _Link(previous.info.id, previous.slots, previous.info.compacted_tokens)
+            link = Link(previous.info.id, previous.slots, previous.info.compacted_tokens)
+        # Recompacting sizes the whole new handle: the previous rows are compacted again too.
+        folded = link.rows if request.recompact else 0
+        budget = _budget(request, folded + total)
         chunks = self._chunks(request, source, budget, link)
         if len(chunks) == 1:
             capture_ids, query_range, queries = await self._capture_prompt(request, source)
@@ -140,8 +142,9 @@ class CompactionService:
                     "protected": chunk.protected,
                     "method": request.method,
                     "causal": queries == "context",
+                    "fold": request.recompact,
                 }
-                made = await self._compact_on_workers(
+                made = await self.compact_on_workers(
                     capture_ids, chunk.end - chunk.start, query_range, link, options
                 )
                 if link is not None and link.made_here:  # a chunk's step, superseded now
@@ -163,10 +166,9 @@ class CompactionService:
             raise
         done = time.perf_counter()
 
-        original, compacted = total, budget
+        original, compacted = total, link.rows
         if previous is not None:
             original += previous.info.original_tokens
-            compacted += previous.info.compacted_tokens
         now = int(time.time())
         info = Compaction(
             id=link.id,
@@ -196,7 +198,7 @@ class CompactionService:
         return info, budget
 
     def _chunks(
-        self, request: CompactRequest, source: _Source, budget: int, link: _Link | None
+        self, request: CompactRequest, source: _Source, budget: int, link: Link | None
     ) -> list[_Chunk]:
         """The input's chunks, each with its share of the budget; refuses a split that cannot
         hold its verbatim tokens or whose chunks do not fit after the slots before them."""
@@ -209,6 +211,12 @@ class CompactionService:
                 param="prompt" if request.kind == "prompt" else "messages",
             )
         count = math.ceil(total / (request.chunk_tokens or DEFAULT_CHUNK_TOKENS))
+        if request.recompact and count > 1:
+            raise CompactionError(
+                f"'recompact' takes an input of one chunk; this one has {total} tokens (raise "
+                "chunk_tokens, or extend without 'recompact' first)",
+                param="recompact",
+            )
         ends = [total * i // count for i in range(count + 1)]  # near-equal chunks
         shares = [budget * end // total for end in ends]
         rows = link.rows if link is not None else 0
@@ -246,14 +254,14 @@ class CompactionService:
             rows += high - low
         return chunks
 
-    async def _compact_on_workers(
+    async def compact_on_workers(
         self,
         capture_ids: list[int],
         context_len: int,
         query_range: tuple[int, int],
-        link: _Link | None,
+        link: Link | None,
         options: dict[str, Any],
-    ) -> _Link:
+    ) -> Link:
         """Prefill `capture_ids` after `link`'s slots, recording the keys and values of their
         first `context_len` tokens and the queries of `query_range`, then compact those on
         every worker into a new handle that the workers hold."""
@@ -292,8 +300,10 @@ class CompactionService:
             if isinstance(error, Exception):
                 raise CompactionError(f"compaction failed: {error}") from error
             raise
-        rows = options["budget"] + (link.rows if link is not None else 0)
-        return _Link(
+        rows = options["budget"]
+        if link is not None and not options.get("fold"):
+            rows += link.rows
+        return Link(
             handle_id,
             replies[0]["slots"],
             rows,
@@ -307,26 +317,42 @@ class CompactionService:
         self, handle_id: str, prompt: Any, tenant: str
     ) -> tuple[list[int], str, dict]:
         """Token prompt, cache salt and kv_transfer_params for a completion on a handle."""
+        return self._placed(*await self.completion_ids(handle_id, prompt, tenant))
+
+    async def completion_ids(
+        self, handle_id: str, prompt: Any, tenant: str
+    ) -> tuple[HandleRecord, str, list[int]]:
+        """The handle's record and the prompt's tokens that follow its context."""
         record = await self.registry.get(handle_id, tenant)
         if record.info.kind != "prompt":
             raise CompactionError(
                 f"{handle_id} was made from messages: use it with /v1/chat/completions",
                 param="compaction",
             )
+        return record, handle_id, self.prompt_ids(prompt, add_special_tokens=False)
+
+    def prompt_ids(self, prompt: Any, add_special_tokens: bool) -> list[int]:
+        """One completion prompt (text or token ids) as token ids."""
         if isinstance(prompt, str):
-            ids = self.engine.get_tokenizer().encode(prompt, add_special_tokens=False)
+            ids = self.engine.get_tokenizer().encode(prompt, add_special_tokens=add_special_tokens)
         elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
         else:
-            raise CompactionError("with 'compaction', 'prompt' must be one string or token list")
+            raise CompactionError("'prompt' must be one string or one token list", param="prompt")
         if not ids:
-            raise CompactionError("'prompt' must not be empty with 'compaction'", param="prompt")
-        return self._placed(record, handle_id, ids)
+            raise CompactionError("'prompt' must not be empty", param="prompt")
+        return ids
 
     async def chat_prompt(
         self, handle_id: str, request: Any, tenant: str
     ) -> tuple[list[int], str, dict]:
         """The same for a chat: the handle's messages, then the request's, templated once."""
+        return self._placed(*await self.chat_ids(handle_id, request, tenant))
+
+    async def chat_ids(
+        self, handle_id: str, request: Any, tenant: str
+    ) -> tuple[HandleRecord, str, list[int]]:
+        """The handle's record and the chat's tokens that follow its conversation."""
         record = await self.registry.get(handle_id, tenant)
         if record.messages is None:
             raise CompactionError(
@@ -335,7 +361,7 @@ class CompactionService:
             )
         whole = _WholeChat.model_validate(request.model_dump(exclude_unset=True))
         whole.messages = [*record.messages, *request.messages]
-        ids = await self._render(whole)
+        ids = await self.render(whole)
         prefix = record.prefix_ids
         if ids[: len(prefix)] != prefix or len(ids) == len(prefix):
             raise CompactionError(
@@ -343,7 +369,7 @@ class CompactionService:
                 "conversation",
                 param="messages",
             )
-        return self._placed(record, handle_id, ids[len(prefix) :])
+        return record, handle_id, ids[len(prefix) :]
 
     def _placed(self, record: HandleRecord, handle_id: str, ids: list[int]):
         if record.slots + len(ids) > self.max_model_len:
@@ -351,8 +377,7 @@ class CompactionService:
                 f"{record.slots} compacted slots + {len(ids)} tokens exceed the model's "
                 f"context of {self.max_model_len}"
             )
-        params = signed({"handle": handle_id, "slots": record.slots})
-        salt = private_salt(f"{record.tenant}:{handle_id}")
+        salt, params = placement(record.tenant, handle_id, record.slots)
         return [PLACEHOLDER_ID] * record.slots + ids, salt, params
 
     async def _context_tokens(
@@ -386,7 +411,7 @@ class CompactionService:
         self, model: str, messages: list[dict[str, Any]]
     ) -> tuple[list[int], list[list[int]]]:
         """A conversation's rendered tokens and the spans of its template's own tokens."""
-        ids = await self._render(self._chat_request(model, messages))
+        ids = await self.render(self._chat_request(model, messages))
         tokenizer = self.engine.get_tokenizer()
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -411,7 +436,7 @@ class CompactionService:
                 return repeated, (total, len(repeated)), "repeat"
         return source.ids, (0, total), "context"
 
-    async def _render(self, request: Any) -> list[int]:
+    async def render(self, request: Any) -> list[int]:
         rendered = await self.chat_serving.render_chat_request(request)
         if not isinstance(rendered, tuple):
             raise CompactionError(rendered.error.message, status=rendered.error.code)
@@ -430,7 +455,7 @@ class CompactionService:
             {"role": "assistant", "content": body},
         ]
         messages = [*source.messages, *turns]
-        repeated = await self._render(self._chat_request(request.model, messages))
+        repeated = await self.render(self._chat_request(request.model, messages))
         # A template that renders the context differently inside a longer chat gives no
         # usable repeat queries.
         context = source.context
@@ -473,7 +498,7 @@ class _Chunk:
 
 
 @dataclasses.dataclass
-class _Link:
+class Link:
     """A handle the workers hold that the next chunk is prefilled after."""
 
     id: str
@@ -483,6 +508,11 @@ class _Link:
     prefill_s: float = 0.0
     compact_s: float = 0.0
     made_here: bool = False  # one of this call's steps, not the caller's previous handle
+
+
+def placement(tenant: str, handle_id: str, slots: int) -> tuple[str, dict]:
+    """Cache salt and kv_transfer_params of a request that continues from a handle."""
+    return private_salt(f"{tenant}:{handle_id}"), signed({"handle": handle_id, "slots": slots})
 
 
 def _progress(number: int, chunks: list[_Chunk], done: int, began: float) -> CompactionProgress:

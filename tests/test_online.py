@@ -1,0 +1,180 @@
+"""Online compaction: `context_management` on a completion or chat request compacts the
+request's own context whenever its cache reaches a threshold, and generation goes on (#8)."""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+from transformers import AutoTokenizer
+
+from tests.compare import assert_same_greedy
+from tests.server import TINY as MODEL
+from tests.server import served_tiny
+from vllm_compaction import documents
+
+pytestmark = pytest.mark.slow
+BLOCK = 32  # served_tiny's KV block size
+SETTINGS = {"compact_threshold": 320, "keep_fraction": 0.25, "keep_last": 16}
+GENERATED = 700
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama_dir, tmp_path_factory):
+    with served_tiny(tiny_llama_dir, tmp_path_factory.mktemp("online")) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="unused")
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_llama_dir):
+    return AutoTokenizer.from_pretrained(tiny_llama_dir)
+
+
+@pytest.fixture(scope="module")
+def prompt(tokenizer) -> list[int]:
+    text = " ".join(p["context"] for p in documents.squad()["data"][6]["paragraphs"][:3])
+    return tokenizer(text)["input_ids"][:200]
+
+
+def _online(client, prompt, settings=SETTINGS, max_tokens=GENERATED, **extra):
+    return client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body={
+            "context_management": settings,
+            "return_token_ids": True,
+            "ignore_eos": True,
+            **extra,
+        },
+    )
+
+
+def _segment(client, prompt, tokens, handle_id=None) -> list[int]:
+    extra = {"return_token_ids": True, "ignore_eos": True}
+    if handle_id:
+        extra["compaction"] = handle_id
+    out = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=tokens, temperature=0, extra_body=extra
+    )
+    return out.choices[0].token_ids
+
+
+def _chain(client, prompt, settings=SETTINGS, max_tokens=GENERATED) -> tuple[list[int], int]:
+    """The documented algorithm done by hand through the public API: generate up to the
+    threshold, fold everything but the last keep_last tokens into a handle with
+    /v1/compact (`previous` + `recompact`), go on from the handle."""
+    limit, keep, fraction = (
+        settings[k] for k in ("compact_threshold", "keep_last", "keep_fraction")
+    )
+    tail, generated, handle, compactions = list(prompt), [], None, 0
+    while len(generated) < max_tokens:
+        slots = handle["compacted_tokens"] if handle else 0
+        slots = math.ceil(slots / BLOCK) * BLOCK
+        if slots + len(tail) >= limit:
+            region, tail = tail[: len(tail) - keep], tail[len(tail) - keep :]
+            rows = (handle["compacted_tokens"] if handle else 0) + len(region)
+            body = {
+                "prompt": region,
+                "queries": "context",
+                "target_tokens": max(5, math.ceil(fraction * rows)),
+            }
+            if handle:
+                body |= {"previous": handle["id"], "recompact": True}
+            handle = client.post("/compact", body={"model": MODEL, **body}, cast_to=object)
+            compactions += 1
+            continue
+        out = _segment(
+            client,
+            tail,
+            min(limit - slots - len(tail), max_tokens - len(generated)),
+            handle and handle["id"],
+        )
+        generated += out
+        tail += out
+    return generated, compactions
+
+
+def test_online_compaction_is_the_chain_of_recompactions(client, prompt):
+    online = _online(client, prompt)
+    generated, compactions = _chain(client, prompt)
+    assert compactions >= 3
+    assert online.usage.compactions == compactions
+    assert online.usage.prompt_tokens == len(prompt)
+    assert online.usage.completion_tokens == GENERATED == len(online.choices[0].token_ids)
+    assert online.choices[0].token_ids == generated
+    assert online.choices[0].finish_reason == "length"
+    # Without compaction the same request cannot run: 200 + 700 tokens fit the model's 2048
+    # positions, so compare with the plain run to see compaction changed the context.
+    plain = _segment(client, prompt, GENERATED)
+    assert plain[:120] == generated[:120]  # the first segment is a plain generation
+    assert plain != generated
+
+
+def test_online_compaction_in_a_chat(client, tokenizer):
+    messages = [{"role": "user", "content": "Tell me a long story about the Normans."}]
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=400,
+        temperature=0,
+        extra_body={"context_management": SETTINGS, "return_token_ids": True, "ignore_eos": True},
+    )
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+    same = _online(client, ids, max_tokens=400)
+    assert reply.usage.compactions == same.usage.compactions >= 1
+    assert reply.choices[0].token_ids == same.choices[0].token_ids
+    assert reply.choices[0].message.content == same.choices[0].text
+
+
+def test_other_requests_are_unaffected(client, prompt):
+    def plain():
+        out = client.completions.create(
+            model=MODEL, prompt="The Normans were", max_tokens=24, temperature=0, logprobs=5
+        )
+        return out.choices[0].logprobs
+
+    alone = plain()
+    with ThreadPoolExecutor(4) as pool:
+        online = pool.submit(_online, client, prompt)
+        beside = [pool.submit(plain) for _ in range(3)]
+        others = [f.result() for f in beside]
+        again = online.result()
+    for other in others:
+        assert_same_greedy(
+            other.tokens, other.top_logprobs, alone.tokens, alone.top_logprobs, atol=1e-5
+        )
+    assert again.choices[0].token_ids == _online(client, prompt).choices[0].token_ids
+
+
+def test_bad_settings_are_refused(server, client, prompt):
+    def post(settings, **body):
+        body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, **body}
+        body["context_management"] = settings
+        return httpx.post(f"{server}/v1/completions", json=body, timeout=120)
+
+    refusals = {
+        "above the model": post({"compact_threshold": 4096}),
+        "fraction": post({"compact_threshold": 320, "keep_fraction": 1.5}),
+        "no room": post({"compact_threshold": 320, "keep_last": 300}),
+        "blocks": post({"compact_threshold": 64, "keep_last": 40}),
+        "unknown field": post({"compact_threshold": 320, "keep": 3}),
+        "stream": post(SETTINGS, stream=True),
+        "n": post(SETTINGS, n=2),
+        "logprobs": post(SETTINGS, logprobs=1),
+    }
+    for name, response in refusals.items():
+        assert response.status_code == 400, (name, response.text)
+        assert response.json()["error"]["param"] == "context_management", name
+    unknown = post(SETTINGS, compaction="cmp_" + "x" * 32)
+    assert unknown.status_code == 404, unknown.text
+    assert post(SETTINGS).status_code == 200  # the server still serves

@@ -1,0 +1,256 @@
+"""Online compaction: `context_management` on a chat or completion request compacts the
+request's own context whenever its cache reaches a threshold, and generation goes on from the
+compacted context, so a long generation runs under a fixed cache size.
+
+The generation runs in segments, each an engine request that stops where the cache reaches the
+threshold. Between segments everything but the newest `keep_last` tokens is compacted on the
+workers, folded together with the rows of the compaction before (as `POST /v1/compact` with
+`previous` and `recompact` does), with the causal queries of the tokens it replaces. The
+handles made on the way belong to this request alone and are dropped when it ends.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import uuid
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionResponseChoice,
+    ChatMessage,
+)
+from vllm.entrypoints.openai.completion.protocol import (
+    CompletionResponse,
+    CompletionResponseChoice,
+)
+from vllm.entrypoints.serve.engine.protocol import UsageInfo
+from vllm.inputs.engine import tokens_input
+
+from vllm_compaction.server import metrics
+from vllm_compaction.server.errors import CompactionError
+from vllm_compaction.server.protocol import ContextManagement
+from vllm_compaction.server.service import PLACEHOLDER_ID, CompactionService, Link, placement
+
+logger = logging.getLogger(f"vllm.{__name__}")
+
+KEEP_FIRST = 4  # the context's first rows stay verbatim through every compaction (sinks)
+PARAM = "context_management"
+
+
+@dataclasses.dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    stop_reason: int | str | None
+    prompt_tokens: int  # the handle's slots, if the request named one, + the prompt's tokens
+    compactions: int
+
+    def usage(self) -> UsageInfo:
+        completion = len(self.token_ids)
+        return UsageInfo(
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=completion,
+            total_tokens=self.prompt_tokens + completion,
+            compactions=self.compactions,
+        )
+
+
+async def generate(
+    service: CompactionService,
+    request: Any,
+    settings: ContextManagement,
+    tenant: str,
+    handle_id: str | None,
+    defaults: dict[str, Any],
+) -> CompletionResponse | ChatCompletionResponse:
+    """Serve a completion or chat request (on a handle, if `handle_id`) under `settings`."""
+    chat = isinstance(request, ChatCompletionRequest)
+    link = None
+    if handle_id is not None:
+        if chat:
+            record, _, ids = await service.chat_ids(handle_id, request, tenant)
+        else:
+            record, _, ids = await service.completion_ids(handle_id, request.prompt, tenant)
+        link = Link(handle_id, record.slots, record.info.compacted_tokens)
+    elif chat:
+        ids = await service.render(request)
+    else:
+        ids = service.prompt_ids(request.prompt, request.add_special_tokens)
+    generation = OnlineGeneration(service, settings, tenant, ids, link)
+    asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
+    max_tokens = asked or defaults.get("max_tokens") or service.max_model_len
+    result = await generation.run(request.to_sampling_params(max_tokens, defaults), max_tokens)
+    return (chat_response if chat else completion_response)(request, result)
+
+
+def completion_response(request: Any, result: Generation) -> CompletionResponse:
+    choice = CompletionResponseChoice(
+        index=0,
+        text=result.text,
+        finish_reason=result.finish_reason,
+        stop_reason=result.stop_reason,
+        token_ids=result.token_ids if request.return_token_ids else None,
+    )
+    return CompletionResponse(model=request.model, choices=[choice], usage=result.usage())
+
+
+def chat_response(request: Any, result: Generation) -> ChatCompletionResponse:
+    choice = ChatCompletionResponseChoice(
+        index=0,
+        message=ChatMessage(role="assistant", content=result.text),
+        finish_reason=result.finish_reason,
+        stop_reason=result.stop_reason,
+        token_ids=result.token_ids if request.return_token_ids else None,
+    )
+    return ChatCompletionResponse(model=request.model, choices=[choice], usage=result.usage())
+
+
+def unavailable(request: Any) -> list[str]:
+    """Request fields a segmented generation cannot honour (each segment is its own engine
+    request: a stream, several choices, logprobs or tools would have to be stitched)."""
+    used = {
+        "stream": bool(request.stream),
+        "n": (request.n or 1) > 1,
+        "logprobs": bool(request.logprobs) or bool(getattr(request, "top_logprobs", None)),
+        "prompt_logprobs": request.prompt_logprobs is not None,
+        "echo": bool(getattr(request, "echo", False)),
+        "truncate_prompt_tokens": request.truncate_prompt_tokens is not None,
+        "use_beam_search": request.use_beam_search,
+        "tools": bool(getattr(request, "tools", None)),
+    }
+    return [name for name, on in used.items() if on]
+
+
+class OnlineGeneration:
+    """One request's generation under `settings`, from `ids` after `link`'s slots (a handle
+    the request named, or none)."""
+
+    def __init__(
+        self,
+        service: CompactionService,
+        settings: ContextManagement,
+        tenant: str,
+        ids: list[int],
+        link: Link | None,
+    ) -> None:
+        self.service, self.settings, self.tenant = service, settings, tenant
+        self.tail, self.link = list(ids), link
+        self.prompt_tokens = self._cache()
+        self.made: list[str] = []  # handles this request made (the last is the live one)
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse settings under which a compaction could not make room (checked up front: the
+        sizes at every compaction follow from them)."""
+        limit, keep = self.settings.compact_threshold, self.settings.keep_last
+        context = self.service.max_model_len
+        if limit > context:
+            raise CompactionError(
+                f"compact_threshold {limit} exceeds the model's context of {context}",
+                param=PARAM,
+            )
+        slots = self.link.slots if self.link is not None else 0
+        if slots + len(self.tail) + 1 > context:
+            raise CompactionError(
+                f"{slots} compacted slots + {len(self.tail)} prompt tokens exceed the model's "
+                f"context of {context}"
+            )
+        if slots + keep >= limit:
+            raise CompactionError(
+                f"{slots} compacted slots + keep_last {keep} leave nothing to compact below "
+                f"compact_threshold {limit}",
+                param=PARAM,
+            )
+        # Every compaction must leave room for at least one more token: the one of a prompt
+        # past the threshold, and those at the threshold (which replace at most limit - keep).
+        rows = (self.link.rows if self.link is not None else 0) + len(self.tail) - keep
+        for at, replaced in ((self._cache(), rows), (limit, limit - keep)):
+            after = self._slots_after(replaced) + keep
+            if at >= limit and after >= limit:
+                raise CompactionError(
+                    f"a compaction at {at} tokens would leave {after} (keep_fraction of the "
+                    f"rest in whole KV blocks of {self.service.block_size}, + keep_last), not "
+                    f"below compact_threshold {limit}: raise compact_threshold or lower "
+                    "keep_fraction or keep_last",
+                    param=PARAM,
+                )
+
+    def _budget(self, rows: int) -> int:
+        return min(rows - 1, max(math.ceil(self.settings.keep_fraction * rows), KEEP_FIRST + 1))
+
+    def _slots_after(self, rows: int) -> int:
+        size = self.service.block_size
+        return math.ceil(self._budget(rows) / size) * size
+
+    async def run(self, params: SamplingParams, max_tokens: int) -> Generation:
+        generated: list[int] = []
+        text, finish, stop, count = "", None, None, 0
+        try:
+            while len(generated) < max_tokens:
+                if self._cache() >= self.settings.compact_threshold:
+                    await self._compact()
+                    count += 1
+                    if self._cache() >= self.settings.compact_threshold:  # _check rules it out
+                        raise CompactionError("a compaction made no room", status=500)
+                room = self.settings.compact_threshold - self._cache()
+                out = await self._segment(params, min(room, max_tokens - len(generated)))
+                generated += out.token_ids
+                self.tail += out.token_ids
+                text += out.text
+                finish, stop = out.finish_reason, out.stop_reason
+                if finish != "length":
+                    break
+        finally:
+            for handle_id in self.made:
+                await self.service.engine.collective_rpc("compaction_delete", args=(handle_id,))
+        metrics.ONLINE_COMPACTIONS.inc(count)
+        return Generation(text, generated, finish, stop, self.prompt_tokens, count)
+
+    def _cache(self) -> int:
+        return (self.link.slots if self.link is not None else 0) + len(self.tail)
+
+    async def _compact(self) -> None:
+        """Compact the previous rows and every token but the last keep_last into one handle."""
+        keep = self.settings.keep_last
+        region = self.tail[: len(self.tail) - keep]
+        rows = (self.link.rows if self.link is not None else 0) + len(region)
+        options = {
+            "budget": self._budget(rows),
+            "keep_first": KEEP_FIRST,
+            "protected": [],
+            "method": "am-highest",
+            "causal": True,
+            "fold": self.link is not None,
+        }
+        made = await self.service.compact_on_workers(
+            region, len(region), (0, len(region)), self.link, options
+        )
+        if self.made:  # the compaction before, folded into this one
+            await self.service.engine.collective_rpc("compaction_delete", args=(self.made[-1],))
+            self.made.pop()
+        self.made.append(made.id)
+        logger.info(
+            "online compaction %s: %d rows -> %d in %.1f s",
+            made.id, rows, made.rows, made.prefill_s + made.compact_s,
+        )  # fmt: skip
+        self.link, self.tail = made, self.tail[len(region) :]
+
+    async def _segment(self, params: SamplingParams, tokens: int) -> Any:
+        """Generate up to `tokens` tokens after the current context (a CompletionOutput)."""
+        segment = params.clone()
+        segment.max_tokens = tokens
+        if self.link is None:
+            prompt = tokens_input(list(self.tail))
+        else:
+            salt, transfer = placement(self.tenant, self.link.id, self.link.slots)
+            segment.extra_args = {**(segment.extra_args or {}), "kv_transfer_params": transfer}
+            prompt = tokens_input([PLACEHOLDER_ID] * self.link.slots + self.tail, cache_salt=salt)
+        outputs = self.service.engine.generate(prompt, segment, f"online-{uuid.uuid4().hex}")
+        final = [out async for out in outputs][-1]  # FINAL_ONLY: one output at the end
+        return final.outputs[0]
