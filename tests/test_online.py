@@ -13,7 +13,7 @@ from transformers import AutoTokenizer
 
 from tests.compare import assert_same_greedy
 from tests.server import TINY as MODEL
-from tests.server import served_tiny
+from tests.server import served, served_tiny
 from vllm_compaction import documents
 
 pytestmark = pytest.mark.slow
@@ -178,3 +178,70 @@ def test_bad_settings_are_refused(server, client, prompt):
     unknown = post(SETTINGS, compaction="cmp_" + "x" * 32)
     assert unknown.status_code == 404, unknown.text
     assert post(SETTINGS).status_code == 200  # the server still serves
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("online-smollm2")
+    args = [str(smollm2_dir), "--served-model-name", "smollm2", "--dtype", "float32"]
+    args += ["--block-size", "32", "--max-model-len", "2048"]
+    with served(
+        args, folder / "server.log", env={"VLLM_COMPACTION_HANDLES_DIR": str(folder)}
+    ) as base:
+        yield base
+
+
+def _prompt_nll(server, ids, **extra) -> tuple[list[float | None], dict]:
+    """Teacher-forced -logprob of every prompt token (None for the first), via prompt_logprobs,
+    and the usage."""
+    body = {"model": "smollm2", "prompt": ids, "max_tokens": 1, "prompt_logprobs": 0, **extra}
+    response = httpx.post(f"{server}/v1/completions", json=body, timeout=600)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    nll = [
+        None if entry is None else -entry[str(t)]["logprob"]
+        for t, entry in zip(ids, choice["prompt_logprobs"], strict=True)
+    ]
+    return nll, response.json()["usage"]
+
+
+def _article_then_answers(tokenizer, read: int, count: int) -> list[int]:
+    """`read` tokens of a SQuAD article, then `count` tokens of questions and answers about
+    its paragraphs that ended before the last 64 of them (a continuation that draws on the
+    text read before)."""
+    ids, qa = [], []
+    for paragraph in documents.squad()["data"][1]["paragraphs"]:
+        ids += tokenizer(" " + paragraph["context"], add_special_tokens=False)["input_ids"]
+        if len(ids) <= read - 64:
+            qa += [
+                f"Q: {q['question']}\nA: {q['answers'][0]['text']}\n"
+                for q in paragraph["qas"]
+                if q["answers"]
+            ]
+    text = "\n\nQuestions about the text, answered:\n" + "".join(qa)
+    return ids[:read] + tokenizer(text, add_special_tokens=False)["input_ids"][:count]
+
+
+def test_text_read_through_three_compactions_keeps_its_likelihood(smollm2_server, smollm2_dir):
+    ids = _article_then_answers(AutoTokenizer.from_pretrained(smollm2_dir), 1216, 300)
+    settings = {"compact_threshold": 512, "keep_fraction": 0.2, "keep_last": 64}
+    # Stretches of 512, 352, 352 and 300 tokens: 448 tokens become 90 rows (96 slots), then
+    # 96 slots + 64 tokens take 352 more before the next compaction, twice.
+    online, usage = _prompt_nll(smollm2_server, ids, context_management=settings)
+    full, _ = _prompt_nll(smollm2_server, ids)
+    assert usage["compactions"] == 3 and usage["prompt_tokens"] == len(ids)
+    assert online[0] is None and None not in online[1:]
+    # Before the first compaction the two runs read the same context.
+    assert max(abs(a - b) for a, b in zip(online[1:512], full[1:512], strict=True)) < 1e-3
+    # The continuation, read after three compactions, against the full context and against
+    # dropping the compacted tokens (keeping the first 4 tokens and the last 64 as well).
+    # Measured: 2.70 nats/token after compactions, 2.47 with the full context, 2.73 dropped.
+    # (On the answers' tokens alone: 3.10, 2.16 and 3.11; see docs/limitations.md.)
+    dropped, _ = _prompt_nll(smollm2_server, ids[:4] + ids[1216 - 64 :])
+
+    def mean(values):
+        return sum(values) / len(values)
+
+    compacted, reference, window = mean(online[1216:]), mean(full[1216:]), mean(dropped[-300:])
+    assert compacted - reference < 0.5, (compacted, reference, window)
+    assert compacted < window, (compacted, reference, window)

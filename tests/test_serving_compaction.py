@@ -13,6 +13,7 @@ from tests.compare import assert_same_greedy
 from tests.server import TINY as MODEL
 from tests.server import metrics, served_tiny
 from vllm_compaction import documents
+from vllm_compaction.server import self_study
 
 pytestmark = pytest.mark.slow
 
@@ -313,3 +314,50 @@ def test_concurrent_compactions_each_get_their_own_context(client, context, tiny
         )
         full = client.completions.create(prompt=doc + question, **sampling)
         _assert_same_greedy(used.choices[0].logprobs, full.choices[0].logprobs)
+
+
+def test_self_study_queries_come_from_the_models_answers_about_the_input(
+    client, context, tiny_llama_dir
+):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    ids = tokenizer(context)["input_ids"]
+    studied = _compact(client, prompt=ids, ratio=10, queries="self-study")
+    assert studied["queries"] == "self-study"
+    # The tasks, each followed by the model's greedy answer to it after the document.
+    expected = 0
+    for task in self_study.TASKS:
+        ask = tokenizer(f"\n\n{task}\n", add_special_tokens=False)["input_ids"]
+        answer = client.completions.create(
+            model=MODEL,
+            prompt=ids + ask,
+            max_tokens=self_study.ANSWER_TOKENS,
+            temperature=0,
+            extra_body={"return_token_ids": True},
+        )
+        expected += len(ask) + len(answer.choices[0].token_ids)
+    assert studied["usage"]["query_tokens"] == expected
+    assert studied["usage"]["total_tokens"] == len(ids) + expected
+
+    # Other queries fit other rows: the two handles answer differently.
+    plain = _compact(client, prompt=ids, ratio=10, queries="context")
+    sampling = dict(model=MODEL, prompt=" In short,", max_tokens=6, temperature=0, logprobs=1)
+    answers = [
+        client.completions.create(**sampling, extra_body={"compaction": h["id"]})
+        for h in (studied, plain)
+    ]
+    logprobs = [a.choices[0].logprobs.token_logprobs for a in answers]
+    assert max(abs(a - b) for a, b in zip(*logprobs, strict=True)) > 1e-4
+
+    talk = [{"role": "user", "content": context}]
+    chat = _compact(client, messages=talk, ratio=10, queries="self-study")
+    assert chat["queries"] == "self-study" and chat["usage"]["query_tokens"] > 0
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "And then?"}],
+        max_tokens=4,
+        extra_body={"compaction": chat["id"]},
+    )
+    assert reply.usage.completion_tokens == 4
+    # Answers about an extension alone would miss the previous context: context queries.
+    more = _compact(client, prompt=ids[:50], previous=plain["id"], queries="self-study")
+    assert more["queries"] == "context"

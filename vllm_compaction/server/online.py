@@ -30,6 +30,7 @@ from vllm.entrypoints.openai.completion.protocol import (
 )
 from vllm.entrypoints.serve.engine.protocol import UsageInfo
 from vllm.inputs.engine import tokens_input
+from vllm.logprobs import Logprob
 
 from vllm_compaction.server import metrics
 from vllm_compaction.server.errors import CompactionError
@@ -50,6 +51,7 @@ class Generation:
     stop_reason: int | str | None
     prompt_tokens: int  # the handle's slots, if the request named one, + the prompt's tokens
     compactions: int
+    prompt_logprobs: list[dict[int, Logprob] | None] | None  # of the prompt's tokens
 
     def usage(self) -> UsageInfo:
         completion = len(self.token_ids)
@@ -85,7 +87,8 @@ async def generate(
     generation = OnlineGeneration(service, settings, tenant, ids, link)
     asked = getattr(request, "max_completion_tokens", None) or request.max_tokens
     max_tokens = asked or defaults.get("max_tokens") or service.max_model_len
-    result = await generation.run(request.to_sampling_params(max_tokens, defaults), max_tokens)
+    params = request.to_sampling_params(max_tokens, defaults)
+    result = await generation.run(params, max_tokens, request.prompt_logprobs)
     return (chat_response if chat else completion_response)(request, result)
 
 
@@ -96,6 +99,7 @@ def completion_response(request: Any, result: Generation) -> CompletionResponse:
         finish_reason=result.finish_reason,
         stop_reason=result.stop_reason,
         token_ids=result.token_ids if request.return_token_ids else None,
+        prompt_logprobs=result.prompt_logprobs,
     )
     return CompletionResponse(model=request.model, choices=[choice], usage=result.usage())
 
@@ -108,7 +112,12 @@ def chat_response(request: Any, result: Generation) -> ChatCompletionResponse:
         stop_reason=result.stop_reason,
         token_ids=result.token_ids if request.return_token_ids else None,
     )
-    return ChatCompletionResponse(model=request.model, choices=[choice], usage=result.usage())
+    return ChatCompletionResponse(
+        model=request.model,
+        choices=[choice],
+        usage=result.usage(),
+        prompt_logprobs=result.prompt_logprobs,
+    )
 
 
 def unavailable(request: Any) -> list[str]:
@@ -118,7 +127,6 @@ def unavailable(request: Any) -> list[str]:
         "stream": bool(request.stream),
         "n": (request.n or 1) > 1,
         "logprobs": bool(request.logprobs) or bool(getattr(request, "top_logprobs", None)),
-        "prompt_logprobs": request.prompt_logprobs is not None,
         "echo": bool(getattr(request, "echo", False)),
         "truncate_prompt_tokens": request.truncate_prompt_tokens is not None,
         "use_beam_search": request.use_beam_search,
@@ -140,8 +148,10 @@ class OnlineGeneration:
         link: Link | None,
     ) -> None:
         self.service, self.settings, self.tenant = service, settings, tenant
-        self.tail, self.link = list(ids), link
-        self.prompt_tokens = self._cache()
+        self.link, self.tail = link, []  # the cache: the link's slots, then the tail's tokens
+        self.pending = list(ids)  # prompt tokens not in the cache yet
+        self.prompt_tokens = self._cache() + len(ids)
+        self.compactions = 0
         self.made: list[str] = []  # handles this request made (the last is the live one)
         self._check()
 
@@ -156,30 +166,22 @@ class OnlineGeneration:
                 param=PARAM,
             )
         slots = self.link.slots if self.link is not None else 0
-        if slots + len(self.tail) + 1 > context:
-            raise CompactionError(
-                f"{slots} compacted slots + {len(self.tail)} prompt tokens exceed the model's "
-                f"context of {context}"
-            )
         if slots + keep >= limit:
             raise CompactionError(
                 f"{slots} compacted slots + keep_last {keep} leave nothing to compact below "
                 f"compact_threshold {limit}",
                 param=PARAM,
             )
-        # Every compaction must leave room for at least one more token: the one of a prompt
-        # past the threshold, and those at the threshold (which replace at most limit - keep).
-        rows = (self.link.rows if self.link is not None else 0) + len(self.tail) - keep
-        for at, replaced in ((self._cache(), rows), (limit, limit - keep)):
-            after = self._slots_after(replaced) + keep
-            if at >= limit and after >= limit:
-                raise CompactionError(
-                    f"a compaction at {at} tokens would leave {after} (keep_fraction of the "
-                    f"rest in whole KV blocks of {self.service.block_size}, + keep_last), not "
-                    f"below compact_threshold {limit}: raise compact_threshold or lower "
-                    "keep_fraction or keep_last",
-                    param=PARAM,
-                )
+        # Every compaction happens at the threshold and replaces at most limit - keep rows and
+        # tokens: it must leave room for at least one more token.
+        after = self._slots_after(limit - keep) + keep
+        if after >= limit:
+            raise CompactionError(
+                f"a compaction at {limit} tokens would leave {after} (keep_fraction of the rest "
+                f"in whole KV blocks of {self.service.block_size}, + keep_last), not below "
+                "compact_threshold: raise compact_threshold or lower keep_fraction or keep_last",
+                param=PARAM,
+            )
 
     def _budget(self, rows: int) -> int:
         return min(rows - 1, max(math.ceil(self.settings.keep_fraction * rows), KEEP_FIRST + 1))
@@ -188,16 +190,25 @@ class OnlineGeneration:
         size = self.service.block_size
         return math.ceil(self._budget(rows) / size) * size
 
-    async def run(self, params: SamplingParams, max_tokens: int) -> Generation:
+    async def run(
+        self, params: SamplingParams, max_tokens: int, prompt_logprobs: int | None = None
+    ) -> Generation:
+        """Read the prompt, then generate, compacting whenever the cache is full; with
+        `prompt_logprobs`, score each prompt stretch as it is read (teacher forcing through
+        the compactions)."""
         generated: list[int] = []
-        text, finish, stop, count = "", None, None, 0
+        scores: list[dict[int, Logprob] | None] = []
+        text, finish, stop = "", None, None
         try:
+            while self.pending:
+                await self._make_room()
+                take = self.pending[: self.settings.compact_threshold - self._cache()]
+                if prompt_logprobs is not None:
+                    scores += await self._score(take, prompt_logprobs)
+                self.tail += take
+                del self.pending[: len(take)]
             while len(generated) < max_tokens:
-                if self._cache() >= self.settings.compact_threshold:
-                    await self._compact()
-                    count += 1
-                    if self._cache() >= self.settings.compact_threshold:  # _check rules it out
-                        raise CompactionError("a compaction made no room", status=500)
+                await self._make_room()
                 room = self.settings.compact_threshold - self._cache()
                 out = await self._segment(params, min(room, max_tokens - len(generated)))
                 generated += out.token_ids
@@ -209,8 +220,24 @@ class OnlineGeneration:
         finally:
             for handle_id in self.made:
                 await self.service.engine.collective_rpc("compaction_delete", args=(handle_id,))
-        metrics.ONLINE_COMPACTIONS.inc(count)
-        return Generation(text, generated, finish, stop, self.prompt_tokens, count)
+        metrics.ONLINE_COMPACTIONS.inc(self.compactions)
+        return Generation(
+            text,
+            generated,
+            finish,
+            stop,
+            self.prompt_tokens,
+            self.compactions,
+            scores if prompt_logprobs is not None else None,
+        )
+
+    async def _make_room(self) -> None:
+        if self._cache() < self.settings.compact_threshold:
+            return
+        await self._compact()
+        self.compactions += 1
+        if self._cache() >= self.settings.compact_threshold:  # _check rules this out
+            raise CompactionError("a compaction made no room", status=500)
 
     def _cache(self) -> int:
         return (self.link.slots if self.link is not None else 0) + len(self.tail)
@@ -245,12 +272,32 @@ class OnlineGeneration:
         """Generate up to `tokens` tokens after the current context (a CompletionOutput)."""
         segment = params.clone()
         segment.max_tokens = tokens
+        # The prompt was scored stretch by stretch; skipping the prefix cache would also skip
+        # the handle's slots.
+        segment.prompt_logprobs, segment.skip_reading_prefix_cache = None, False
+        return (await self._request(self.tail, segment)).outputs[0]
+
+    async def _score(self, take: list[int], top: int) -> list[dict[int, Logprob] | None]:
+        """Prompt logprobs of `take` read after the current context."""
+        # Not a token from the prefix cache: vLLM scores only the positions it computes. The
+        # handle's slots come through the KV connector, which the default would skip.
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=top, detokenize=False, skip_reading_prefix_cache=False
+        )
+        final = await self._request(self.tail + take, params, salt=uuid.uuid4().hex)
+        scores = final.prompt_logprobs[len(final.prompt_token_ids) - len(take) :]
+        if self.link is not None and not self.tail:  # predicted from a slot: never computed
+            scores[0] = None
+        return scores
+
+    async def _request(self, ids: list[int], params: SamplingParams, salt: str = "") -> Any:
+        """One engine request for `ids` after the current handle (if any); its final output."""
         if self.link is None:
-            prompt = tokens_input(list(self.tail))
+            prompt = tokens_input(ids, cache_salt=salt or None)
         else:
-            salt, transfer = placement(self.tenant, self.link.id, self.link.slots)
-            segment.extra_args = {**(segment.extra_args or {}), "kv_transfer_params": transfer}
-            prompt = tokens_input([PLACEHOLDER_ID] * self.link.slots + self.tail, cache_salt=salt)
-        outputs = self.service.engine.generate(prompt, segment, f"online-{uuid.uuid4().hex}")
-        final = [out async for out in outputs][-1]  # FINAL_ONLY: one output at the end
-        return final.outputs[0]
+            handle_salt, transfer = placement(self.tenant, self.link.id, self.link.slots)
+            params.extra_args = {**(params.extra_args or {}), "kv_transfer_params": transfer}
+            slots = [PLACEHOLDER_ID] * self.link.slots
+            prompt = tokens_input(slots + ids, cache_salt=f"{handle_salt}{salt}")
+        outputs = self.service.engine.generate(prompt, params, f"online-{uuid.uuid4().hex}")
+        return [out async for out in outputs][-1]  # FINAL_ONLY: one output at the end

@@ -97,9 +97,11 @@ def _continues_from_handle(kind: str, route: str) -> dict:
         "tokens after them) reaches `compact_threshold` tokens, then go on generating: "
         "everything but the last `keep_last` tokens (earlier compacted rows included) becomes "
         "`keep_fraction` as many rows, fitted with those tokens' own queries. "
-        "`usage.compactions` counts them. Settings under which a compaction could not make "
-        "room are refused (400). Not with `stream`, `n` > 1, logprobs, `echo`, beam search or "
-        "tools; stop strings are matched within each stretch between compactions.",
+        "`usage.compactions` counts them. A prompt longer than the threshold (or the model's "
+        "context) is read the same way, a stretch at a time; `prompt_logprobs` scores each "
+        "stretch as it is read. Settings under which a compaction could not make room are "
+        "refused (400). Not with `stream`, `n` > 1, logprobs, `echo`, beam search or tools; "
+        "stop strings are matched within each stretch between compactions.",
     }
     schema = {"properties": {"compaction": field, online.PARAM: management}}
     return {"requestBody": {"content": {"application/json": {"schema": schema}}}}

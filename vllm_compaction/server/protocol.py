@@ -69,13 +69,17 @@ class CompactRequest(BaseModel):
         "length. With `previous`, the tokens the new input adds (with `recompact`, the new "
         "handle's tokens in all).",
     )
-    queries: Literal["repeat", "context"] = Field(
+    queries: Literal["repeat", "context", "self-study"] = Field(
         default="repeat",
         description="Where the reference queries come from. `repeat`: the model reads the "
         "context again after an instruction to repeat it (about twice the context's positions; "
         "when that exceeds the model's context, or the input is compacted in chunks, "
         "`context` is used and the answer says so). "
-        "`context`: the context's own queries, each seeing only the keys before it.",
+        "`context`: the context's own queries, each seeing only the keys before it. "
+        "`self-study`: the model first answers three short tasks about the input (a summary, "
+        "its key facts, a question and its answer; up to 128 tokens each) and the queries of "
+        "those turns are used (falls back to `context` with `previous`, in chunks, or when "
+        "they do not fit the model's context).",
     )
     method: str = Field(
         default="am-highest",
@@ -145,8 +149,8 @@ class CompactionUsage(BaseModel):
 
     prompt_tokens: int = Field(description="The input's tokens (an extension: the new ones).")
     query_tokens: int = Field(
-        description="Tokens prefilled after the input to make repeat queries (0 with context "
-        "queries)."
+        description="Tokens prefilled after the input to make repeat or self-study queries (0 "
+        "with context queries)."
     )
     total_tokens: int = Field(description="`prompt_tokens` + `query_tokens`.")
 
@@ -187,9 +191,9 @@ class Compaction(BaseModel):
     )
     ratio: float = Field(description="`original_tokens` / `compacted_tokens`.")
     method: str = Field(description="The method that made it.")
-    queries: Literal["repeat", "context"] = Field(
-        description="The query source that was used (`context` when `repeat` did not fit or "
-        "the input was compacted in chunks)."
+    queries: Literal["repeat", "context", "self-study"] = Field(
+        description="The query source that was used (`context` when `repeat` or `self-study` "
+        "did not fit or the input was compacted in chunks)."
     )
     previous: str | None = Field(
         default=None, description="The handle it extends (`previous` of the request), or null."
@@ -254,6 +258,6 @@ class ContextManagement(BaseModel):
     )
     keep_last: int = Field(
         default=64,
-        ge=0,
+        ge=1,
         description="The newest tokens, kept verbatim after the compacted part.",
     )

@@ -34,6 +34,7 @@ from vllm_compaction.server.protocol import (
     CompactRequest,
 )
 from vllm_compaction.server.registry import HandleRecord, HandleRegistry, new_handle_id
+from vllm_compaction.server.self_study import self_study_ids
 from vllm_compaction.templates import verbatim_spans
 
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -151,7 +152,7 @@ class CompactionService:
                     await self.engine.collective_rpc("compaction_delete", args=(link.id,))
                 link = made
                 prefill_s, compact_s = prefill_s + made.prefill_s, compact_s + made.compact_s
-                query_tokens += len(capture_ids) - (query_range[1] - query_range[0])
+                query_tokens += len(capture_ids) - (chunk.end - chunk.start)
                 if len(chunks) > 1:
                     logger.info(
                         "compaction %s: chunk %d/%d, %d of %d tokens in %.1f s",
@@ -411,7 +412,7 @@ class CompactionService:
         self, model: str, messages: list[dict[str, Any]]
     ) -> tuple[list[int], list[list[int]]]:
         """A conversation's rendered tokens and the spans of its template's own tokens."""
-        ids = await self.render(self._chat_request(model, messages))
+        ids = await self.render(self.chat_request(model, messages))
         tokenizer = self.engine.get_tokenizer()
         text = tokenizer.apply_chat_template(messages, tokenize=False)
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
@@ -434,6 +435,12 @@ class CompactionService:
             repeated = await self._repeated(request, source)
             if repeated and len(repeated) + 1 <= room:
                 return repeated, (total, len(repeated)), "repeat"
+        # Self-study answers about the input alone: with `previous` they would have to be
+        # generated on the previous handle too.
+        if request.queries == "self-study" and request.previous is None:
+            studied = await self_study_ids(self, request.model, source.ids, source.messages, room)
+            if studied:
+                return studied, (total, len(studied)), "self-study"
         return source.ids, (0, total), "context"
 
     async def render(self, request: Any) -> list[int]:
@@ -455,15 +462,17 @@ class CompactionService:
             {"role": "assistant", "content": body},
         ]
         messages = [*source.messages, *turns]
-        repeated = await self.render(self._chat_request(request.model, messages))
+        repeated = await self.render(self.chat_request(request.model, messages))
         # A template that renders the context differently inside a longer chat gives no
         # usable repeat queries.
         context = source.context
         return repeated[len(context) - len(ids) :] if repeated[: len(context)] == context else []
 
     @staticmethod
-    def _chat_request(model: str, messages: list[dict[str, Any]]) -> ChatCompletionRequest:
-        return _WholeChat(model=model, messages=messages, add_generation_prompt=False)
+    def chat_request(
+        model: str, messages: list[dict[str, Any]], generation_prompt: bool = False
+    ) -> ChatCompletionRequest:
+        return _WholeChat(model=model, messages=messages, add_generation_prompt=generation_prompt)
 
 
 class _WholeChat(ChatCompletionRequest):
