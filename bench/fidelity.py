@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from vllm_compaction import documents, hf
+from vllm_compaction import documents, hf, self_study
 from vllm_compaction.core import METHODS, Compacted, compact_cache
 from vllm_compaction.models import pull
 
@@ -47,6 +47,7 @@ QUICK_ARTICLES = "0-1"
 # Causal context queries alone kept the most in every comparison so far (docs/benchmarks-core.md);
 # repeat-prefill queries are still captured for variants that ask for them.
 SOURCES = ("context",)
+QUERY_SOURCES = ("context", "repeat", "self-study")
 KEEP_FIRST = 4
 
 
@@ -77,7 +78,7 @@ class Variant:
         sources = tuple(options.pop("sources", SOURCES))
         on_policy = bool(options.pop("on_policy", False))
         outside = bool(options.pop("outside", False))
-        if method not in METHODS or not set(sources) <= {"context", "repeat"}:
+        if method not in METHODS or not set(sources) <= set(QUERY_SOURCES):
             raise argparse.ArgumentTypeError(f"bad variant {spec!r}")
         if on_policy and "repeat" not in sources:
             raise argparse.ArgumentTypeError(f"on_policy needs repeat queries: {spec!r}")
@@ -95,6 +96,7 @@ class Reading:
     turns: list[hf.Turn]  # question + answer after the article
     bare_turns: list[hf.Turn]  # question + answer alone (no context)
     seconds: float
+    self_study_seconds: float | None = None  # writing the answers and reading them
 
 
 def read_article(
@@ -103,8 +105,10 @@ def read_article(
     index: int,
     max_tokens: int,
     max_questions: int,
+    self_study: bool = False,
 ) -> Reading:
-    """One forward over [article turn][repeat turns], capturing context and repeat queries."""
+    """One forward over [article turn][repeat turns], capturing context and repeat queries;
+    with `self_study`, another over [article turn][self-study turns] for those queries."""
     article = documents.squad_article(
         index, hf.chat_token_count(tokenizer), max_tokens, max_questions
     )
@@ -120,6 +124,16 @@ def read_article(
         {"context": (0, t), "repeat": (t, t + len(repeat.ids))},
     )
     seconds = time.perf_counter() - start
+    studied = None
+    if self_study:
+        studied = time.perf_counter()
+        turns = self_study_turn(model, tokenizer, history, context.ids)
+        extra = hf.capture(
+            model, torch.cat([context.ids, turns.ids]), t, {"self-study": (t, t + len(turns.ids))}
+        )
+        for layer, more in zip(layers, extra, strict=True):
+            layer.queries["self-study"] = more.queries["self-study"]
+        studied = time.perf_counter() - studied
     return Reading(
         title=article.title,
         context=context,
@@ -128,7 +142,28 @@ def read_article(
         turns=[hf.answer_turn(tokenizer, history, q.text, q.answer) for q in article.questions],
         bare_turns=[hf.answer_turn(tokenizer, [], q.text, q.answer) for q in article.questions],
         seconds=seconds,
+        self_study_seconds=studied,
     )
+
+
+def self_study_turn(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    history: list[dict[str, str]],
+    context_ids: torch.Tensor,
+) -> hf.Turn:
+    """The self-study tasks as user turns after `history`, each answered by the model (greedy,
+    from the article alone, as the server does)."""
+    messages = []
+    for task in self_study.TASKS:
+        ask = [{"role": "user", "content": task}]
+        prompt = hf.generation_prompt(tokenizer, history, ask)
+        ids = torch.cat([context_ids, torch.tensor(prompt)])[None]
+        with hf.attention_implementation(model, "sdpa"):
+            out = model.generate(ids, max_new_tokens=self_study.ANSWER_TOKENS, do_sample=False)
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        messages += [*ask, {"role": "assistant", "content": answer}]
+    return hf.appended_turn(tokenizer, history, messages)
 
 
 def cached_reading(
@@ -138,12 +173,14 @@ def cached_reading(
     args: argparse.Namespace,
 ) -> Reading:
     """`read_article`, kept in --readings DIR when given (tuning reruns skip the forward)."""
+    study = any("self-study" in v.sources for v in args.variants)
     if args.readings is None:
-        return read_article(model, tokenizer, index, args.max_tokens, args.questions)
-    path = Path(args.readings) / f"{args.model}-a{index}-{args.max_tokens}-{args.questions}.pt"
+        return read_article(model, tokenizer, index, args.max_tokens, args.questions, study)
+    name = f"{args.model}-a{index}-{args.max_tokens}-{args.questions}{'-study' * study}.pt"
+    path = Path(args.readings) / name
     if path.is_file():
         return torch.load(path, weights_only=False)  # our own cache: trusted pickles
-    reading = read_article(model, tokenizer, index, args.max_tokens, args.questions)
+    reading = read_article(model, tokenizer, index, args.max_tokens, args.questions, study)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(reading, path)
     return reading
@@ -208,6 +245,8 @@ def run_article(
     reading = cached_reading(model, tokenizer, index, args)
     t = len(reading.context)
     logger.info("article %d %r: T=%d, read in %.1fs", index, reading.title, t, reading.seconds)
+    if reading.self_study_seconds is not None:
+        logger.info("  self-study answers written and read in %.1fs", reading.self_study_seconds)
     none, none_each = answer_nll(model, None, 0, reading.bare_turns)
     full_prefix = [layer.full_prefix() for layer in reading.layers]
     full, full_each = answer_nll(model, full_prefix, t, reading.turns)
@@ -235,6 +274,7 @@ def run_article(
         "verbatim_tokens": int(reading.context.protected.sum()),
         "questions": len(reading.turns),
         "read_seconds": reading.seconds,
+        "self_study_seconds": reading.self_study_seconds,
         "none": {"nll": none, "per_question": none_each},
         "full": {"nll": full, "per_question": full_each},
         "conditions": conditions,
@@ -343,7 +383,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--sources",
         nargs="+",
         default=list(SOURCES),
-        choices=["context", "repeat"],
+        choices=list(QUERY_SOURCES),
         help="reference queries of the --methods runs",
     )
     parser.add_argument(
@@ -384,6 +424,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     options = {} if args.max_queries is None else {"max_queries": args.max_queries}
     sources = tuple(args.sources)
     variants = [Variant(m, m, sources, options=options) for m in args.methods] + args.variant
+    args.variants = variants
     model, tokenizer = hf.load_model(pull(args.model))
     config = {
         "model": args.model,

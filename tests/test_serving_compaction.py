@@ -12,8 +12,7 @@ from transformers import AutoTokenizer
 from tests.compare import assert_same_greedy
 from tests.server import TINY as MODEL
 from tests.server import metrics, served_tiny
-from vllm_compaction import documents
-from vllm_compaction.server import self_study
+from vllm_compaction import documents, self_study
 
 pytestmark = pytest.mark.slow
 

@@ -19,6 +19,7 @@ from .chat import (
     appended_turn,
     chat_token_count,
     encode_context,
+    generation_prompt,
     render,
     repeat_turn,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "compaction_attention",
     "continuation_logits",
     "encode_context",
+    "generation_prompt",
     "load_model",
     "next_token_logprobs",
     "pool_queries",

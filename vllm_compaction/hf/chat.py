@@ -121,11 +121,18 @@ def repeat_turn(tokenizer: PreTrainedTokenizerBase, history: Messages, body: str
     return appended_turn(tokenizer, history, repeat)
 
 
+def generation_prompt(
+    tokenizer: PreTrainedTokenizerBase, history: Messages, messages: Messages
+) -> list[int]:
+    """The tokens `messages` add after `history`, up to where the assistant's answer begins."""
+    return encode(tokenizer, _appended_text(tokenizer, history, messages, True))
+
+
 def answer_turn(
     tokenizer: PreTrainedTokenizerBase, history: Messages, question: str, answer: str
 ) -> Turn:
     """A user `question` after `history`, then the assistant's `answer` (the targets)."""
-    prompt = _appended_text(tokenizer, history, [{"role": "user", "content": question}], True)
-    prompt_ids, answer_ids = encode(tokenizer, prompt), encode(tokenizer, answer)
+    prompt_ids = generation_prompt(tokenizer, history, [{"role": "user", "content": question}])
+    answer_ids = encode(tokenizer, answer)
     target = [False] * len(prompt_ids) + [True] * len(answer_ids)
     return Turn(ids=torch.tensor(prompt_ids + answer_ids), target=torch.tensor(target))

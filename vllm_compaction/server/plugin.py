@@ -440,6 +440,8 @@ async def _serve_online(request: Any, raw: Request, endpoint: str) -> Response:
         )
     except CompactionError as error:
         return _refused(error)
+    except ValueError as error:  # sampling parameters the engine refuses, as vLLM answers them
+        return _error(str(error))
     finally:
         if handle_id is not None:
             await service.registry.release(handle_id)

@@ -12,15 +12,10 @@ from typing import TYPE_CHECKING
 from vllm import SamplingParams
 from vllm.inputs.engine import tokens_input
 
+from vllm_compaction.self_study import ANSWER_TOKENS, TASKS
+
 if TYPE_CHECKING:
     from vllm_compaction.server.service import CompactionService
-
-TASKS = (
-    "Summarize the text above in a few sentences.",
-    "List the key facts of the text above: names, numbers, places and dates.",
-    "Ask a question about a detail of the text above, then answer it.",
-)
-ANSWER_TOKENS = 128
 
 
 async def self_study_ids(
