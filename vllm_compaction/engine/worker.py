@@ -102,7 +102,8 @@ def _compacted_handle(
     previous: Handle | None = None,
 ) -> tuple[Handle, dict[str, Any]]:
     """Compact every layer, re-rotate the keys to the handle's slot positions and pad them to
-    whole blocks (padding bias -inf). An extension keeps the previous handle's rows first."""
+    whole blocks (padding bias -inf). An extension keeps the previous handle's rows first;
+    with `fold`, they are compacted again together with the new ones."""
     began = time.perf_counter()
     keys, values, queries, positions = _stack(capture)
     biases = outside = None

@@ -76,9 +76,9 @@ async def generate(
     link = None
     if handle_id is not None:
         if chat:
-            record, _, ids = await service.chat_ids(handle_id, request, tenant)
+            record, ids = await service.chat_ids(handle_id, request, tenant)
         else:
-            record, _, ids = await service.completion_ids(handle_id, request.prompt, tenant)
+            record, ids = await service.completion_ids(handle_id, request.prompt, tenant)
         link = Link(handle_id, record.slots, record.info.compacted_tokens)
     elif chat:
         ids = await service.render(request)

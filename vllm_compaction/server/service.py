@@ -318,11 +318,12 @@ class CompactionService:
         self, handle_id: str, prompt: Any, tenant: str
     ) -> tuple[list[int], str, dict]:
         """Token prompt, cache salt and kv_transfer_params for a completion on a handle."""
-        return self._placed(*await self.completion_ids(handle_id, prompt, tenant))
+        record, ids = await self.completion_ids(handle_id, prompt, tenant)
+        return self._placed(record, handle_id, ids)
 
     async def completion_ids(
         self, handle_id: str, prompt: Any, tenant: str
-    ) -> tuple[HandleRecord, str, list[int]]:
+    ) -> tuple[HandleRecord, list[int]]:
         """The handle's record and the prompt's tokens that follow its context."""
         record = await self.registry.get(handle_id, tenant)
         if record.info.kind != "prompt":
@@ -330,7 +331,7 @@ class CompactionService:
                 f"{handle_id} was made from messages: use it with /v1/chat/completions",
                 param="compaction",
             )
-        return record, handle_id, self.prompt_ids(prompt, add_special_tokens=False)
+        return record, self.prompt_ids(prompt, add_special_tokens=False)
 
     def prompt_ids(self, prompt: Any, add_special_tokens: bool) -> list[int]:
         """One completion prompt (text or token ids) as token ids."""
@@ -348,11 +349,12 @@ class CompactionService:
         self, handle_id: str, request: Any, tenant: str
     ) -> tuple[list[int], str, dict]:
         """The same for a chat: the handle's messages, then the request's, templated once."""
-        return self._placed(*await self.chat_ids(handle_id, request, tenant))
+        record, ids = await self.chat_ids(handle_id, request, tenant)
+        return self._placed(record, handle_id, ids)
 
     async def chat_ids(
         self, handle_id: str, request: Any, tenant: str
-    ) -> tuple[HandleRecord, str, list[int]]:
+    ) -> tuple[HandleRecord, list[int]]:
         """The handle's record and the chat's tokens that follow its conversation."""
         record = await self.registry.get(handle_id, tenant)
         if record.messages is None:
@@ -370,7 +372,7 @@ class CompactionService:
                 "conversation",
                 param="messages",
             )
-        return record, handle_id, ids[len(prefix) :]
+        return record, ids[len(prefix) :]
 
     def _placed(self, record: HandleRecord, handle_id: str, ids: list[int]):
         if record.slots + len(ids) > self.max_model_len:
