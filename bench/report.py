@@ -136,6 +136,9 @@ def _plot_fidelity(retained: dict[tuple[str, float], float], path: Path, title: 
         style = "-" if name.startswith(("am-", "summary+am")) else "--"
         ax.plot(*zip(*points, strict=True), style, marker="o", label=name)
     ax.set_xscale("log")
+    ratios = sorted({ratio for _, ratio in retained})
+    ax.set_xticks(ratios, [f"{r:g}x" for r in ratios])
+    ax.minorticks_off()
     ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_xlabel("compaction ratio (T / kept rows)")
     ax.set_ylabel("retained answer likelihood")
