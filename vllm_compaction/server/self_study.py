@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from vllm import SamplingParams
 from vllm.inputs.engine import tokens_input
@@ -19,12 +19,16 @@ if TYPE_CHECKING:
 
 
 async def self_study_ids(
-    service: CompactionService, model: str, ids: list[int], messages: list | None, room: int
+    service: CompactionService,
+    model: str,
+    ids: list[int],
+    messages: list[dict[str, Any]] | None,
+    room: int,
 ) -> list[int]:
     """`ids` (a document's tokens, or a conversation's rendered tokens when `messages` is
     given) followed by the tasks and the model's greedy answers, within `room` positions;
     [] when not one task fits."""
-    if len(ids) + ANSWER_TOKENS + 64 > room:
+    if len(ids) + ANSWER_TOKENS + 64 > room:  # 64: room for a task and its chat template
         return []
     if messages is None:
         encode = service.engine.get_tokenizer().encode
