@@ -152,7 +152,6 @@ class OnlineGeneration:
         self.pending = list(ids)  # prompt tokens not in the cache yet
         self.prompt_tokens = self._cache() + len(ids)
         self.compactions = 0
-        self.made: list[str] = []  # handles this request made (the last is the live one)
         self._check()
 
     def _check(self) -> None:
@@ -218,8 +217,7 @@ class OnlineGeneration:
                 if finish != "length":
                     break
         finally:
-            for handle_id in self.made:
-                await self.service.engine.collective_rpc("compaction_delete", args=(handle_id,))
+            await self._drop_own_link()
         metrics.ONLINE_COMPACTIONS.inc(self.compactions)
         return Generation(
             text,
@@ -238,6 +236,11 @@ class OnlineGeneration:
         self.compactions += 1
         if self._cache() >= self.settings.compact_threshold:  # _check rules this out
             raise CompactionError("a compaction made no room", status=500)
+
+    async def _drop_own_link(self) -> None:
+        """Free the current handle if this request made it (never the caller's handle)."""
+        if self.link is not None and self.link.made_here:
+            await self.service.engine.collective_rpc("compaction_delete", args=(self.link.id,))
 
     def _cache(self) -> int:
         return (self.link.slots if self.link is not None else 0) + len(self.tail)
@@ -258,10 +261,7 @@ class OnlineGeneration:
         made = await self.service.compact_on_workers(
             region, len(region), (0, len(region)), self.link, options
         )
-        if self.made:  # the compaction before, folded into this one
-            await self.service.engine.collective_rpc("compaction_delete", args=(self.made[-1],))
-            self.made.pop()
-        self.made.append(made.id)
+        await self._drop_own_link()  # the compaction before, folded into this one
         logger.info(
             "online compaction %s: %d rows -> %d in %.1f s",
             made.id, rows, made.rows, made.prefill_s + made.compact_s,
