@@ -36,7 +36,15 @@ from vllm_compaction import documents, hf, self_study
 from vllm_compaction.core import METHODS, Compacted, compact_cache
 from vllm_compaction.models import pull
 
-from .output import RESULTS, markdown_table, parse_indices, update_doc, write_json
+from .output import (
+    RESULTS,
+    RESUME_HELP,
+    markdown_table,
+    parse_indices,
+    saved_runs,
+    update_doc,
+    write_json,
+)
 
 logger = logging.getLogger("bench.fidelity")
 
@@ -360,19 +368,6 @@ Figure: `bench/results/{args.tag}.png`; data: `bench/results/{args.tag}.json`.
 """
 
 
-def finished_articles(tag: str, config: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Articles an earlier run of the same settings saved (a long run goes on where it stopped)."""
-    path = RESULTS / f"{tag}.json"
-    if not path.is_file():
-        return {}
-    saved = json.loads(path.read_text())
-    asked = json.loads(json.dumps(config))  # tuples as the file holds them
-    same = ("model", "ratios", "max_tokens", "questions", "variants")
-    if any(saved["config"][key] != asked[key] for key in same):
-        raise SystemExit(f"{path} holds a run of other settings: choose another --tag")
-    return {run["index"]: run for run in saved["articles"]}
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--articles", default="0-9", help="SQuAD article indices, e.g. 0-9")
@@ -406,11 +401,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--readings", help="folder to keep each article's captured reading in and reuse it from"
     )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="keep the articles bench/results/<tag>.json already holds for the same settings",
-    )
+    parser.add_argument("--resume", action="store_true", help=RESUME_HELP)
     args = parser.parse_args(argv)
     if args.quick:
         args.articles, args.ratios = QUICK_ARTICLES, list(QUICK_RATIOS)
@@ -435,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "variants": [asdict(v) for v in variants],
         "threads": torch.get_num_threads(),
     }
-    done = finished_articles(args.tag, config) if args.resume else {}
+    same = ("model", "ratios", "max_tokens", "questions", "variants")
+    done = saved_runs(args.tag, config, same, "articles", "index") if args.resume else {}
     runs = []
     for index in parse_indices(args.articles):
         if index in done:

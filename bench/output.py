@@ -39,6 +39,25 @@ def write_json(name: str, data: Any) -> Path:
     return path
 
 
+RESUME_HELP = "keep the articles bench/results/<tag>.json already holds for the same settings"
+
+
+def saved_runs(
+    tag: str, config: dict[str, Any], same: Sequence[str], runs: str, index: str
+) -> dict[int, dict[str, Any]]:
+    """Per-article runs that bench/results/<tag>.json holds from an earlier run with the same
+    `config[key]` for every key in `same` (a long run goes on where it stopped); exits on
+    other settings. `runs` names the file's list of runs, `index` their article field."""
+    path = RESULTS / f"{tag}.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    asked = json.loads(json.dumps(config))  # tuples as the file holds them
+    if any(saved["config"].get(key) != asked.get(key) for key in same):
+        raise SystemExit(f"{path} holds a run of other settings: choose another --tag")
+    return {run[index]: run for run in saved[runs]}
+
+
 def update_doc(section: str, markdown: str, doc: Path = DOC, title: str = DOC_TITLE) -> None:
     """Replace (or append) the doc's block between this section's markers; a new doc starts
     with `title`."""

@@ -27,7 +27,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from vllm_compaction import documents, hf
 from vllm_compaction.models import pull
 
-from .output import RESULTS, markdown_table, parse_indices, write_json
+from .output import RESULTS, RESUME_HELP, markdown_table, parse_indices, saved_runs, write_json
 
 logger = logging.getLogger("bench.presses")
 
@@ -145,6 +145,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--questions", type=int, default=24)
     parser.add_argument("--threads", type=int, help="torch threads of the runner")
     parser.add_argument("--tag", default="kvpress", help="name of the result file")
+    parser.add_argument("--resume", action="store_true", help=RESUME_HELP)
     return parser.parse_args(argv)
 
 
@@ -154,11 +155,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     model_dir = pull(args.model)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     python = side_python()
+    config = vars(args) | {"model_dir": str(model_dir)}
+    same = ("model", "ratios", "presses", "protect", "max_tokens", "questions")
+    done = saved_runs(args.tag, config, same, "runs", "article") if args.resume else {}
     runs = []
     for index in parse_indices(args.articles):
+        if index in done:
+            logger.info("article %d: kept from bench/results/%s.json", index, args.tag)
+            runs.append(done[index])
+            continue
         inputs = prepare_article(tokenizer, index, args.max_tokens, args.questions)
         runs.append(run_article(python, model_dir, inputs, args))
-        write_json(args.tag, {"config": vars(args) | {"model_dir": str(model_dir)}, "runs": runs})
+        write_json(args.tag, {"config": config, "runs": runs})
     print(table(runs))
 
 

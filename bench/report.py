@@ -5,9 +5,9 @@ text summaries on one task, on one machine, in one run; with compaction speed an
     python -m bench.report             # SQuAD articles 0-19 at 5x-50x, everything (many hours)
     python -m bench.report --no-run    # only re-render docs/benchmarks.md from the results
 
-Each stage is its own benchmark script writing bench/results/<tag>.json (the fidelity stage
-resumes where an earlier run of the same settings stopped); this script runs them in turn and
-writes docs/benchmarks.md and its figures in docs/figures/.
+Each stage is its own benchmark script writing bench/results/<tag>.json (the fidelity, kvpress
+and summary stages resume where an earlier run of the same settings stopped); this script runs
+them in turn and writes docs/benchmarks.md and its figures in docs/figures/.
 """
 
 from __future__ import annotations
@@ -52,10 +52,18 @@ class Plan:
         fidelity = ["bench.fidelity", *shared, "--ratios", *self.ratios, "--resume", "--no-doc"]
         if self.methods:
             fidelity += ["--methods", *self.methods]
-        presses = ["bench.presses", *shared, "--ratios", *self.ratios, "--protect", "on"]
+        presses = [
+            "bench.presses",
+            *shared,
+            "--ratios",
+            *self.ratios,
+            "--protect",
+            "on",
+            "--resume",
+        ]
         if self.presses:
             presses += ["--presses", *self.presses]
-        summary = ["bench.summary", *shared, "--ratios", *self.ratios]
+        summary = ["bench.summary", *shared, "--ratios", *self.ratios, "--resume"]
         summary += ["--am-factors", *self.summary_factors]
         speed = ["bench.compaction_speed", "--lengths", *self.speed_lengths, "--no-doc"]
         stages = {"fidelity": fidelity, "kvpress": presses, "summary": summary, "speed": speed}

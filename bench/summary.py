@@ -26,7 +26,7 @@ from vllm_compaction.documents import Question
 from vllm_compaction.models import pull
 
 from . import fidelity
-from .output import parse_indices, write_json
+from .output import RESUME_HELP, parse_indices, saved_runs, write_json
 
 logger = logging.getLogger("bench.summary")
 
@@ -161,13 +161,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--questions", type=int, default=24)
     parser.add_argument("--readings", help="bench/fidelity.py's folder of captured readings")
     parser.add_argument("--tag", default="summary", help="name of the result file")
+    parser.add_argument("--resume", action="store_true", help=RESUME_HELP)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    config = vars(args)
+    same = ("model", "ratios", "am_factors", "max_tokens", "questions")
+    done = saved_runs(args.tag, config, same, "articles", "index") if args.resume else {}
     model, tokenizer = hf.load_model(pull(args.model))
     runs = []
     for index in parse_indices(args.articles):
+        if index in done:
+            logger.info("article %d: kept from bench/results/%s.json", index, args.tag)
+            runs.append(done[index])
+            continue
         runs.append(run_article(model, tokenizer, index, args))
-        write_json(args.tag, {"config": vars(args), "articles": runs})
+        write_json(args.tag, {"config": config, "articles": runs})
 
 
 if __name__ == "__main__":

@@ -51,7 +51,24 @@ class Method:
 
 @dataclass
 class ScoreMethod(Method):
-    """Keep the top-scoring keys of each head; subclasses define ``score``."""
+    """Keep the top-scoring keys of each head; subclasses define ``score``.
+
+    Args:
+        pool_heads: share the layer's rows (the sum of the budgets) among its heads by ranking
+            every head's keys together, as KVzip does: a head whose attention spreads over many
+            keys gets more rows than one that reads a few. Scores must be comparable across
+            heads (softmax weights are). Each head keeps at least ``pool_floor`` x its own
+            budget; padding rows (bias -inf) fill the heads up to the largest budget.
+        pool_floor: the smallest share of its budget a pooled head keeps (0..1).
+    """
+
+    pool_heads: bool = False
+    pool_floor: float = 0.25
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0 <= self.pool_floor <= 1:
+            raise ValueError(f"pool_floor must be in [0, 1], got {self.pool_floor}")
 
     def score(self, problem: Problem) -> Tensor:
         """[H, T] importance of each key (higher is kept first)."""
@@ -60,7 +77,27 @@ class ScoreMethod(Method):
     def select(self, problem: Problem) -> Tensor:
         # Keys already masked out (bias -inf, e.g. padding of a compacted cache) come last.
         scores = self.score(problem).masked_fill(problem.bias == -math.inf, -math.inf)
-        return top_budget(scores, problem.budgets)
+        budgets = problem.budgets
+        if self.pool_heads:
+            budgets = pooled_budgets(scores, budgets, self.pool_floor)
+        return top_budget(scores, budgets)
+
+
+def pooled_budgets(scores: Tensor, budgets: Tensor, floor: float) -> Tensor:
+    """Per-head budgets [H] summing to ``budgets.sum()``: each head first gets
+    ``floor * budgets[h]`` rows, the rest go to the highest remaining scores of any head."""
+    heads, length = scores.shape
+    base = (budgets.float() * floor).floor().long().clamp(min=1, max=length)
+    order = scores.argsort(dim=1, descending=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(length, device=scores.device).expand(heads, -1))
+    # A head's own top `base` keys are taken; the remaining keys compete across heads
+    # (masked keys last but still countable, so no head can win more keys than it has).
+    rest = scores.clamp(min=torch.finfo(scores.dtype).min)
+    rest = rest.masked_fill(ranks < base[:, None], -math.inf).flatten()
+    extra = int(budgets.sum() - base.sum())
+    won = rest.topk(extra).indices // length if extra > 0 else rest.new_empty(0, dtype=torch.long)
+    return base + torch.bincount(won, minlength=heads)
 
 
 @dataclass
