@@ -1,6 +1,10 @@
 // Causal attention over vLLM's CPU paged KV cache, with a per-slot bias on a sequence's first S
 // slots (the slots of a compacted handle). One call serves several sequences of a batch.
 //
+// A handle with per-head budgets packs its heads' rows into pages (vllm_compaction/engine/
+// pages.py): head h then reads its P pages first, then the sequence's slots after the handle's
+// region. Positions below are logical: P * block_size + (slot - region slots) for those.
+//
 // Cache layout (vLLM CPU, [num_blocks, H_kv, block_size, 2 * D]): per block and KV head, keys
 // stored transposed as [D, block_size], then values as [block_size, D].
 //
@@ -207,11 +211,26 @@ void for_row_groups(int64_t rows, Fn&& fn) {
 struct Sequence {
   int64_t query_start;  // its first token in query/out
   int64_t num_queries;  // n: its queries sit at positions length - n .. length - 1
-  int64_t length;       // L: cached slots, its new tokens included
+  int64_t length;       // L: cached slots (logical), its new tokens included
   const int32_t* blocks;
   const float* bias;    // [H_kv, slots]
-  int64_t slots;        // S
+  int64_t slots;        // S: biased slots
+  const int64_t* pages = nullptr;  // [H_kv, num_pages] packed heads, or none
+  int64_t num_pages = 0;
+  int64_t region_blocks = 0;       // blocks the packed handle occupies
 };
+
+// Offset in pages (block * H_kv + head) of logical block b of a KV head; -1: an empty page.
+inline int64_t page_of(const Sequence& seq, int64_t b, int64_t kv_head, int64_t kv_heads) {
+  if (seq.pages != nullptr) {
+    if (b < seq.num_pages) {
+      const int64_t page = seq.pages[kv_head * seq.num_pages + b];
+      return page < 0 ? -1 : int64_t{seq.blocks[page / kv_heads]} * kv_heads + page % kv_heads;
+    }
+    b += seq.region_blocks - seq.num_pages;
+  }
+  return int64_t{seq.blocks[b]} * kv_heads + kv_head;
+}
 
 // One sequence, KV head and tile of query tokens; its KV range may be split into several items.
 struct Task {
@@ -264,8 +283,9 @@ void attend_item(const Item& item, const Task& task, const Sequence& seq, const 
     // Slots of this block that the tile's last query sees; earlier queries see a prefix.
     const int64_t visible = std::min(block_size, last_position + 1 - first_slot);
     if (visible <= 0) break;
-    const scalar_t* kt =
-        cache + (int64_t{seq.blocks[b]} * shape.kv_heads + task.kv_head) * 2 * block_size * d_size;
+    const int64_t page = page_of(seq, b, task.kv_head, shape.kv_heads);
+    if (page < 0) continue;  // all its rows are padding (bias -inf)
+    const scalar_t* kt = cache + page * 2 * block_size * d_size;
     const scalar_t* v = kt + block_size * d_size;
     const int64_t chunks = (visible + kLanes - 1) / kLanes;
     for_row_groups(rows, [&](auto R, int64_t r0) {
@@ -374,11 +394,14 @@ void run(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& kv
 
 // Writes out[start:end] of each batch row in `rows` (its segment of query_start_loc): causal
 // attention of its queries over its cached slots, with biases[i] [H_kv, S] added to slots < S.
+// pages[i] [H_kv, P] int64 (empty: none) packs row i's first region_slots[i] slots by head;
+// its bias is then [H_kv, P * block_size].
 void biased_attention(torch::Tensor out, const torch::Tensor& query,
                       const torch::Tensor& kv_cache, const torch::Tensor& block_table,
                       const torch::Tensor& query_start_loc, const torch::Tensor& seq_lens,
                       const std::vector<int64_t>& rows, const std::vector<torch::Tensor>& biases,
-                      double scale) {
+                      const std::vector<torch::Tensor>& pages,
+                      const std::vector<int64_t>& region_slots, double scale) {
   TORCH_CHECK(query.dim() == 3 && out.dim() == 3 && kv_cache.dim() == 4,
               "query/out must be [T, Hq, D] and kv_cache [blocks, H_kv, block_size, 2D]");
   TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1, "query/out need a contiguous last dim");
@@ -388,7 +411,9 @@ void biased_attention(torch::Tensor out, const torch::Tensor& query,
                   query_start_loc.scalar_type() == torch::kInt32 &&
                   seq_lens.scalar_type() == torch::kInt32,
               "block_table, query_start_loc and seq_lens must be int32 (block_table contiguous)");
-  TORCH_CHECK(rows.size() == biases.size(), "one bias per row");
+  TORCH_CHECK(rows.size() == biases.size() && rows.size() == pages.size() &&
+                  rows.size() == region_slots.size(),
+              "one bias, page table and region per row");
   const Shape shape{query.size(1), kv_cache.size(1), query.size(1) / kv_cache.size(1),
                     query.size(2), kv_cache.size(2)};
   TORCH_CHECK(shape.heads % shape.kv_heads == 0, "query heads must be a multiple of KV heads");
@@ -398,30 +423,51 @@ void biased_attention(torch::Tensor out, const torch::Tensor& query,
 
   const auto starts = query_start_loc.contiguous();
   const auto lengths = seq_lens.contiguous();
-  std::vector<torch::Tensor> kept_biases;  // keeps contiguous copies alive during the call
+  std::vector<torch::Tensor> kept;  // keeps contiguous copies alive during the call
+  kept.reserve(2 * rows.size());    // references into it must stay valid
   std::vector<Sequence> seqs;
   for (size_t i = 0; i < rows.size(); ++i) {
     const int64_t row = rows[i];
     TORCH_CHECK(row >= 0 && row + 1 < starts.numel() && row < lengths.numel() &&
                     row < block_table.size(0),
                 "row ", row, " is not in the batch");
-    const torch::Tensor& bias = kept_biases.emplace_back(biases[i].contiguous());
+    const torch::Tensor& bias = kept.emplace_back(biases[i].contiguous());
     TORCH_CHECK(bias.scalar_type() == torch::kFloat32 && bias.dim() == 2 &&
                     bias.size(0) == shape.kv_heads,
                 "bias must be float32 [H_kv, S]");
     const int64_t start = starts.data_ptr<int32_t>()[row];
     const int64_t n = starts.data_ptr<int32_t>()[row + 1] - start;
     const int64_t length = lengths.data_ptr<int32_t>()[row];
-    TORCH_CHECK(0 <= n && n <= length && bias.size(1) <= length,
-                "row ", row, ": more queries or bias slots than cached slots");
     const int64_t num_blocks = (length + shape.block_size - 1) / shape.block_size;
     TORCH_CHECK(num_blocks <= block_table.size(1), "row ", row, ": block table too short");
     const int32_t* blocks = block_table.data_ptr<int32_t>() + row * block_table.size(1);
     for (int64_t b = 0; b < num_blocks; ++b)
       TORCH_CHECK(0 <= blocks[b] && blocks[b] < kv_cache.size(0), "row ", row, ": block id ",
                   blocks[b], " is not in the cache");
+    Sequence seq{start, n, length, blocks, bias.data_ptr<float>(), bias.size(1)};
+    if (pages[i].numel() > 0) {
+      const torch::Tensor& table = kept.emplace_back(pages[i].contiguous());
+      const int64_t region = region_slots[i];
+      TORCH_CHECK(table.scalar_type() == torch::kInt64 && table.dim() == 2 &&
+                      table.size(0) == shape.kv_heads &&
+                      bias.size(1) == table.size(1) * shape.block_size,
+                  "row ", row, ": pages must be int64 [H_kv, P] and bias [H_kv, P * block_size]");
+      TORCH_CHECK(region % shape.block_size == 0 && 0 < region && region <= length - n,
+                  "row ", row, ": the packed region must be whole blocks before its queries");
+      seq.region_blocks = region / shape.block_size;
+      const int64_t limit = seq.region_blocks * shape.kv_heads;
+      const int64_t* entries = table.data_ptr<int64_t>();
+      for (int64_t j = 0; j < table.numel(); ++j)
+        TORCH_CHECK(-1 <= entries[j] && entries[j] < limit, "row ", row, ": page ", entries[j],
+                    " is not in the handle's ", seq.region_blocks, " blocks");
+      seq.pages = entries;
+      seq.num_pages = table.size(1);
+      seq.length = length - region + seq.num_pages * shape.block_size;
+    }
+    TORCH_CHECK(0 <= n && n <= length && seq.slots <= seq.length,
+                "row ", row, ": more queries or bias slots than cached slots");
     if (n == 0) continue;
-    seqs.push_back({start, n, length, blocks, bias.data_ptr<float>(), bias.size(1)});
+    seqs.push_back(seq);
   }
 
   TORCH_CHECK(kv_cache.scalar_type() == query.scalar_type(),
@@ -442,5 +488,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Causal attention over vLLM's CPU paged KV cache with a bias on the first slots",
         py::arg("out"), py::arg("query"), py::arg("kv_cache"), py::arg("block_table"),
         py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("rows"), py::arg("biases"),
-        py::arg("scale"));
+        py::arg("pages"), py::arg("region_slots"), py::arg("scale"));
 }

@@ -91,7 +91,7 @@ def _whole(parts: list[dict[str, list[torch.Tensor]]]) -> dict[str, list[torch.T
     """The model's handle from the ranks' parts: rank r holds KV heads [r*H/k, (r+1)*H/k)."""
     return {
         name: [torch.cat(layer, dim=0) for layer in zip(*(p[name] for p in parts), strict=True)]
-        for name in store.PARTS
+        for name in store.REQUIRED_PARTS
     }
 
 
@@ -120,7 +120,7 @@ def test_a_workers_compaction_of_its_heads_is_that_slice_of_the_whole(method):
     ranks = [compacted(0, 2), compacted(2, 2)]
     same = all(
         torch.equal(getattr(whole, part)[0], torch.cat([getattr(r, part)[0] for r in ranks]))
-        for part in store.PARTS
+        for part in store.REQUIRED_PARTS
     )
     # "random" draws per worker from one seed, so its picks depend on the split (documented).
     assert same == (method != "random")

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from safetensors.torch import load, save
 from torch import Tensor
 
-from vllm_compaction.store import PARTS
+from vllm_compaction.store import PARTS, REQUIRED_PARTS
 
 SEALED = b"vllm-compaction/sealed/1\n"
 SEAL_KEY_ENV = "VLLM_COMPACTION_SEAL_KEY_FILE"
@@ -54,7 +54,7 @@ def pack(manifest: dict[str, Any], ranks: list[Layers], key: bytes | None) -> by
         f"{rank}/{part}.{i}": tensor.contiguous()
         for rank, layers in enumerate(ranks)
         for part in PARTS
-        for i, tensor in enumerate(layers[part])
+        for i, tensor in enumerate(layers.get(part, ()))
     }
     metadata = {"manifest": json.dumps(manifest), "sha256": _digest(tensors)}
     blob = save(tensors, metadata=metadata)
@@ -90,7 +90,7 @@ def unpack(blob: bytes, key: bytes | None) -> tuple[dict[str, Any], list[Layers]
         part, _, layer = rest.partition(".")
         if not (rank.isdigit() and part in PARTS and layer.isdigit()):
             raise BadBlob(f"unexpected tensor {name!r}")
-        ranks.setdefault(int(rank), {p: [] for p in PARTS})[part].append((int(layer), tensor))
+        ranks.setdefault(int(rank), {}).setdefault(part, []).append((int(layer), tensor))
     if not isinstance(manifest, dict) or sorted(ranks) != list(range(len(ranks))) or not ranks:
         raise BadBlob("not a compaction export: no manifest or missing ranks")
     return manifest, [_ordered(ranks[r]) for r in range(len(ranks))]
@@ -98,6 +98,8 @@ def unpack(blob: bytes, key: bytes | None) -> tuple[dict[str, Any], list[Layers]
 
 def _ordered(layers: dict[str, list[tuple[int, Tensor]]]) -> Layers:
     """Each part's tensors by layer index; every part must hold layers 0..n-1."""
+    if not set(REQUIRED_PARTS) <= set(layers):
+        raise BadBlob("not a compaction export: a rank lacks keys, values or bias")
     out = {}
     for part, items in layers.items():
         items.sort(key=lambda item: item[0])

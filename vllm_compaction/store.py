@@ -24,7 +24,9 @@ from safetensors.torch import load, save
 from vllm_compaction.models import home
 
 MANIFEST = "manifest.json"
-PARTS = ("keys", "values", "bias")  # a handle's tensors, one of each per layer
+# A handle's tensors, one of each per layer; "pages" only with per-head budgets.
+PARTS = ("keys", "values", "bias", "pages")
+REQUIRED_PARTS = PARTS[:3]
 
 
 HANDLES_DIR_ENV = "VLLM_COMPACTION_HANDLES_DIR"
@@ -69,10 +71,9 @@ def save_layers(path: Path, layers: dict[str, list[torch.Tensor]]) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def load_layers(
-    path: Path, sha256: str, names: tuple[str, ...] = PARTS
-) -> dict[str, list[torch.Tensor]]:
-    """Read what `save_layers` wrote, refusing a file whose sha256 is not `sha256`."""
+def load_layers(path: Path, sha256: str) -> dict[str, list[torch.Tensor]]:
+    """Read what `save_layers` wrote (the PARTS it holds), refusing a file whose sha256 is not
+    `sha256` or that lacks a required part."""
     try:
         data = path.read_bytes()
     except OSError as error:
@@ -80,8 +81,14 @@ def load_layers(
     if hashlib.sha256(data).hexdigest() != sha256:
         raise CorruptHandle(f"{path.name} does not match its checksum")
     tensors = load(data)
+    names = [name for name in PARTS if f"{name}.0" in tensors]
+    if not set(REQUIRED_PARTS) <= set(names):
+        raise CorruptHandle(f"{path.name} lacks a handle's keys, values or bias")
     count = len(tensors) // len(names)
-    return {name: [tensors[f"{name}.{i}"] for i in range(count)] for name in names}
+    try:
+        return {name: [tensors[f"{name}.{i}"] for i in range(count)] for name in names}
+    except KeyError as error:
+        raise CorruptHandle(f"{path.name} misses the tensor {error}") from error
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -66,3 +66,24 @@ def test_bad_cache_arguments(kwargs, message) -> None:
     layer = _layers(1)[0]
     with pytest.raises(ValueError, match=message):
         compact_cache([layer.keys], [layer.values], [layer.queries], **kwargs)
+
+
+def test_pooled_head_budgets_keep_verbatim_rows_and_pad_last() -> None:
+    layers = _layers()
+    outs = compact_cache(
+        [x.keys for x in layers],
+        [x.values for x in layers],
+        [x.queries for x in layers],
+        32,
+        protected=[(60, 66)],
+        pool_heads=True,
+    )
+    verbatim = torch.tensor([0, 1, 2, 3, 60, 61, 62, 63, 64, 65])
+    for out in outs:
+        assert int(out.lengths.sum()) == 64
+        for head, live in enumerate(out.lengths.tolist()):
+            rows = out.indices[head]
+            assert (rows[:live].diff() > 0).all() and (rows[live:] == -1).all()
+            assert torch.isin(verbatim, rows[:live]).all()  # each head keeps them all
+            assert (out.bias[head, live:] == -torch.inf).all()
+    assert any(not torch.equal(out.lengths, torch.tensor([32, 32])) for out in outs)

@@ -154,9 +154,10 @@ def _verbatim_lse(
 
 
 def _merge(parts: list[Compacted]) -> Compacted:
-    """Concatenate compacted parts of one layer and order rows by source position."""
+    """Concatenate compacted parts of one layer and order rows by source position, padding
+    (index -1) last as ``compact_layer`` leaves it."""
     indices = torch.cat([p.indices for p in parts], dim=1)
-    order = indices.argsort(dim=1)
+    order = indices.masked_fill(indices < 0, indices.shape[1] + indices.max()).argsort(dim=1)
     return Compacted(
         keys=gather_rows(torch.cat([p.keys for p in parts], dim=1), order),
         bias=torch.cat([p.bias for p in parts], dim=1).gather(1, order),

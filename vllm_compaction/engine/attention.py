@@ -18,8 +18,11 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadata,
 )
 
+from vllm_compaction.engine.pages import unpack
 from vllm_compaction.engine.state import STATE, Row, paged_rows
 from vllm_compaction.kernels import cpu
+
+NO_PAGES = torch.empty(0, dtype=torch.long)  # the native kernel's "not packed"
 
 
 class CompactionAttentionBackend(CPUAttentionBackend):
@@ -70,6 +73,8 @@ class CompactionAttentionImpl(CPUAttentionBackendImpl):
         over its cached keys, with its handle's bias on its slots."""
         indices = [row.index for row in rows]
         biases = [row.handle.bias[layer_index] for row in rows]
+        pages = [row.handle.layer_pages(layer_index) for row in rows]
+        regions = [0 if p is None else row.handle.slots for p, row in zip(pages, rows, strict=True)]
         kernel = cpu.load()
         if kernel is not None:  # all rows in one call, written into output in place
             kernel.biased_attention(
@@ -81,20 +86,24 @@ class CompactionAttentionImpl(CPUAttentionBackendImpl):
                 metadata.seq_lens,
                 indices,
                 biases,
+                [NO_PAGES if p is None else p for p in pages],
+                regions,
                 self.scale,
             )
             return
         starts = metadata.query_start_loc.tolist()
         seq_lens = metadata.seq_lens.tolist()
-        for index, bias in zip(indices, biases, strict=True):
+        for i, index in enumerate(indices):
             start, end = starts[index], starts[index + 1]
             output[start:end] = attend_torch(
                 query[start:end],
                 kv_cache,
                 metadata.block_table[index],
                 seq_lens[index],
-                bias,
+                biases[i],
                 self.scale,
+                pages[i],
+                regions[i],
             ).to(output.dtype)
 
     def _check_supported(self) -> None:
@@ -108,13 +117,28 @@ class CompactionAttentionImpl(CPUAttentionBackendImpl):
 
 
 def attend_torch(
-    query: Tensor, kv_cache: Tensor, blocks: Tensor, length: int, bias: Tensor, scale: float
+    query: Tensor,
+    kv_cache: Tensor,
+    blocks: Tensor,
+    length: int,
+    bias: Tensor,
+    scale: float,
+    pages: Tensor | None = None,
+    region: int = 0,
 ) -> Tensor:
     """Causal attention [n, Hq, D] (fp32) of one sequence's new queries (positions
     length - n .. length - 1) over its `length` cached slots in `blocks` (its block table row),
-    with `bias` [H_kv, S] added to the logits of slots [0, S)."""
+    with `bias` [H_kv, S] added to the logits of slots [0, S). With `pages` [H_kv, P], the
+    first `region` slots hold heads packed by page (engine/pages.py): each head reads its
+    pages' rows, biased, then the slots after the region."""
     block_size = kv_cache.shape[2]
     keys, values = paged_rows(kv_cache, blocks[: math.ceil(length / block_size)], length)
+    if pages is not None:
+        keys, values = (
+            torch.cat([unpack(rows[:, :region], pages, block_size), rows[:, region:]], dim=1)
+            for rows in (keys, values)
+        )
+        length = keys.shape[1]
     group = query.shape[1] // keys.shape[0]
     keys = keys.float().repeat_interleave(group, dim=0)
     values = values.float().repeat_interleave(group, dim=0)

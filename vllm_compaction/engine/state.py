@@ -23,15 +23,22 @@ class Handle:
 
     Per layer: keys [H_kv, S, D] (RoPE shifted to the slot positions), values [H_kv, S, D]
     (both in the KV cache dtype), bias [H_kv, S] float32 with -inf on padding slots.
+    With per-head budgets, `pages` holds per layer the page table [H_kv, P] of heads packed
+    into those slots (engine/pages.py), and bias is then per head over its pages' rows
+    [H_kv, P * block_size]; None: head h reads column h of the slots.
     """
 
     keys: list[Tensor]
     values: list[Tensor]
     bias: list[Tensor]
+    pages: list[Tensor] | None = None
 
     @property
     def slots(self) -> int:
         return self.keys[0].shape[1]
+
+    def layer_pages(self, layer: int) -> Tensor | None:
+        return None if self.pages is None else self.pages[layer]
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 
 from vllm_compaction import store
 from vllm_compaction.core import compact_cache, log_mass
+from vllm_compaction.engine import pages
 from vllm_compaction.engine.rope import shift_positions
 from vllm_compaction.engine.state import STATE, Capture, Handle
 
@@ -38,7 +39,9 @@ class CompactionWorkerExtension:
         ([start, end) spans kept verbatim), method, causal (queries see only earlier keys);
         for an extension, previous (the handle the capture was prefilled after) and
         previous_rows (its rows before the padding, which the new handle keeps), and fold:
-        compact those rows again together with the new ones (budget then counts both).
+        compact those rows again together with the new ones (budget then counts both);
+        pool_heads: per-head budgets (the layer's rows go where attention spreads, core
+        ``pool_heads``), packed by page into the handle's blocks (engine/pages.py).
         """
         capture = STATE.captures.pop(key, None)
         if capture is None or not capture.chunks:
@@ -72,6 +75,7 @@ class CompactionWorkerExtension:
         handle = STATE.handles[key]
         path = Path(folder) / f"rank{self.rank}.safetensors"
         layers = {part: getattr(handle, part) for part in store.PARTS}
+        layers = {part: tensors for part, tensors in layers.items() if tensors is not None}
         return {"file": path.name, "sha256": store.save_layers(path, layers)}
 
     def compaction_load(self, key: str, folder: str, files: list[dict[str, str]]) -> None:
@@ -137,31 +141,51 @@ def _compacted_handle(
         keep_first=options.get("keep_first", 4),
         protected=protected,
         method=options.get("method", "am-highest"),
+        **({"pool_heads": True} if options.get("pool_heads") else {}),
     )
-    rows = options["budget"] + (previous.slots if previous is not None else 0)
-    slots = math.ceil(rows / block_size) * block_size
+    pooled = bool(options.get("pool_heads"))
+    if pooled and previous is not None:
+        raise RuntimeError("per-head budgets cannot extend a handle")
+    if pooled:
+        blocks = max(pages.packed_blocks(part.lengths, block_size) for part in compacted)
+    else:
+        rows = options["budget"] + (previous.slots if previous is not None else 0)
+        blocks = math.ceil(rows / block_size)
+    slots = blocks * block_size
     # Every key carries the rotation of its slot: logical position + slots - context tokens.
     # The previous rows carry that of the previous slots; the new keys, prefilled right after
     # those slots, carry it too. So both move by the same amount.
     delta = slots - capture.offset - capture.context_len
     dtype = keys[0].dtype
-    handle = Handle(keys=[], values=[], bias=[])
+    handle = Handle(keys=[], values=[], bias=[], pages=[] if pooled else None)
     for layer, part in enumerate(compacted):
         layer_keys, layer_values, bias = part.keys.to(dtype), part.values.to(dtype), part.bias
         if previous is not None:
             layer_keys = torch.cat([previous.keys[layer], layer_keys], dim=1)
             layer_values = torch.cat([previous.values[layer], layer_values], dim=1)
             bias = torch.cat([previous.bias[layer], bias.float()], dim=1)
-        pad = slots - layer_keys.shape[1]
-        handle.keys.append(_pad(shift_positions(layer_keys, delta, rotary).to(dtype), pad))
-        handle.values.append(_pad(layer_values, pad))
-        handle.bias.append(_pad(bias.float(), pad, -math.inf))
-    size = sum(t.nbytes for part in (handle.keys, handle.values, handle.bias) for t in part)
+        layer_keys = shift_positions(layer_keys, delta, rotary).to(dtype)
+        if pooled:
+            layer_keys, layer_values, bias, table = pages.pack(
+                layer_keys, layer_values, bias, part.lengths, blocks, block_size
+            )
+            handle.pages.append(table)
+        else:
+            pad = slots - layer_keys.shape[1]
+            layer_keys, layer_values = _pad(layer_keys, pad), _pad(layer_values, pad)
+            bias = _pad(bias.float(), pad, -math.inf)
+        handle.keys.append(layer_keys)
+        handle.values.append(layer_values)
+        handle.bias.append(bias)
+    parts = (handle.keys, handle.values, handle.bias, handle.pages or [])
+    size = sum(t.nbytes for part in parts for t in part)
     return handle, {"slots": slots, "bytes": size, "compact_s": time.perf_counter() - began}
 
 
 def _rows(handle: Handle, count: int) -> Handle:
     """The handle's first `count` rows: its compacted rows without the padding to blocks."""
+    if handle.pages is not None:
+        raise RuntimeError("a handle with per-head budgets cannot be extended")
     if not 0 < count <= handle.slots:
         raise RuntimeError(f"the previous handle has {handle.slots} slots, not {count} rows")
     parts = (handle.keys, handle.values, handle.bias)
@@ -195,9 +219,23 @@ def _check_fits(handle: Handle, vllm_config: Any) -> None:
         raise store.CorruptHandle(f"{handle.slots} slots do not fill whole blocks")
     if not len(handle.keys) == len(handle.values) == len(handle.bias) == layers:
         raise store.CorruptHandle(f"it has {len(handle.keys)} layers; the model has {layers}")
-    for keys, values, bias in zip(handle.keys, handle.values, handle.bias, strict=True):
-        if keys.shape != size or values.shape != size or bias.shape != size[:2]:
+    if handle.pages is not None and len(handle.pages) != layers:
+        raise store.CorruptHandle(f"it has {len(handle.pages)} page tables; the model {layers}")
+    block_size = vllm_config.cache_config.block_size
+    for layer, (keys, values, bias) in enumerate(
+        zip(handle.keys, handle.values, handle.bias, strict=True)
+    ):
+        # Packed heads: each head's bias runs over its pages' rows (engine/pages.py).
+        pages = handle.layer_pages(layer)
+        width = size[1] if pages is None else pages.shape[-1] * block_size
+        if keys.shape != size or values.shape != size or bias.shape != (heads, width):
             raise store.CorruptHandle(f"its tensors do not fit the model's {size} KV heads")
+        if pages is not None and not (
+            pages.dtype == torch.int64
+            and pages.shape[0] == heads
+            and ((pages >= -1) & (pages < handle.slots // block_size * heads)).all()
+        ):
+            raise store.CorruptHandle("its page tables point outside its blocks")
         if keys.dtype != dtype or values.dtype != dtype or bias.dtype != torch.float32:
             raise store.CorruptHandle(f"its tensors are not {dtype} (bias float32)")
         if not (keys.isfinite().all() and values.isfinite().all()):

@@ -6,10 +6,13 @@ rebuilds it when the source or flags change) and returns the extension module. W
 their plain-torch path. `build()` does the same ahead of time, for deploy/setup.sh.
 
 The extension exposes `biased_attention(out, query, kv_cache, block_table, query_start_loc,
-seq_lens, rows, biases, scale)`: for each batch row i in `rows`, causal attention of its queries
-(its segment of query_start_loc in query [T, Hq, D]) over its seq_lens[i] slots of vLLM's CPU
-paged `kv_cache`, with biases[j] [H_kv, S] float32 added to the logits of slots [0, S), written
-into the same segment of `out`.
+seq_lens, rows, biases, pages, region_slots, scale)`: for each batch row i in `rows`, causal
+attention of its queries (its segment of query_start_loc in query [T, Hq, D]) over its
+seq_lens[i] slots of vLLM's CPU paged `kv_cache`, with biases[j] [H_kv, S] float32 added to the
+logits of slots [0, S), written into the same segment of `out`. A non-empty pages[j] [H_kv, P]
+(int64) says the row's first region_slots[j] slots hold heads packed by page
+(engine/pages.py): each head reads its pages' rows (biases[j] then [H_kv, P * block_size]),
+then the slots after the region.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vllm_compaction.core import METHODS
+from vllm_compaction.core.methods import Method, ScoreMethod
 
 DEFAULT_RATIO = 10.0
 # Longer inputs are compacted chunk by chunk: the prefill's attention and the recorded queries
@@ -87,6 +88,15 @@ class CompactRequest(BaseModel):
         "refitted values), or an eviction baseline that only keeps keys.",
         json_schema_extra={"enum": list(METHODS)},
     )
+    head_budgets: Literal["uniform", "pooled"] = Field(
+        default="uniform",
+        description="How each layer's budget is shared by its KV heads. `uniform`: every head "
+        "keeps the same number of rows. `pooled`: the heads' keys are ranked together, so a "
+        "head whose attention spreads over many keys keeps more rows than one that reads a "
+        "few (each keeps at least a quarter of its share); the handle stores each head's rows "
+        "packed by KV block, so `slots` follows the rows kept, not the largest head. Not with "
+        "`previous`, inputs compacted in chunks, or the methods `am-omp` and `strided`.",
+    )
     keep_first: int | None = Field(
         default=None,
         ge=0,
@@ -130,6 +140,11 @@ class CompactRequest(BaseModel):
             raise ValueError("give at most one of 'ratio' or 'target_tokens'")
         if self.recompact and self.previous is None:
             raise ValueError("'recompact' needs 'previous'")
+        if self.head_budgets == "pooled":
+            if self.previous is not None:
+                raise ValueError("'head_budgets': 'pooled' cannot extend a handle ('previous')")
+            if not issubclass(METHODS.get(self.method, Method), ScoreMethod):
+                raise ValueError(f"'head_budgets': 'pooled' does not work with {self.method!r}")
         return self
 
     @property
@@ -190,7 +205,15 @@ class Compaction(BaseModel):
         "handle occupies this many positions rounded up to whole KV blocks."
     )
     ratio: float = Field(description="`original_tokens` / `compacted_tokens`.")
+    slots: int = Field(
+        description="KV cache positions a request on the handle occupies before its own "
+        "tokens: `compacted_tokens` rounded up to whole KV blocks, or with pooled head budgets "
+        "the blocks its heads' packed rows fill.",
+    )
     method: str = Field(description="The method that made it.")
+    head_budgets: Literal["uniform", "pooled"] = Field(
+        default="uniform", description="How each layer's rows were shared by its KV heads."
+    )
     queries: Literal["repeat", "context", "self-study"] = Field(
         description="The query source that was used (`context` when `repeat` or `self-study` "
         "did not fit or the input was compacted in chunks)."

@@ -84,7 +84,7 @@ class HandleRecord:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> HandleRecord:
         return cls(
-            Compaction(**data["info"]),
+            Compaction(**{"slots": data["slots"], **data["info"]}),  # older ones lack it
             [int(i) for i in data["prefix_ids"]],
             int(data["slots"]),
             int(data["bytes"]),

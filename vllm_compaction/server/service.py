@@ -97,6 +97,11 @@ class CompactionService:
         self.registry.acquire(request.previous)
         try:
             previous = await self.registry.get(request.previous, tenant)
+            if previous.info.head_budgets == "pooled":
+                raise CompactionError(
+                    f"{request.previous} has pooled head budgets, which cannot be extended yet",
+                    param="previous",
+                )
             if previous.info.kind != request.kind:
                 raise CompactionError(
                     f"{request.previous} was made from {previous.info.kind}: extend it with "
@@ -144,6 +149,7 @@ class CompactionService:
                     "method": request.method,
                     "causal": queries == "context",
                     "fold": request.recompact,
+                    "pool_heads": request.head_budgets == "pooled",
                 }
                 made = await self.compact_on_workers(
                     capture_ids, chunk.end - chunk.start, query_range, link, options
@@ -180,7 +186,9 @@ class CompactionService:
             original_tokens=original,
             compacted_tokens=compacted,
             ratio=original / compacted,
+            slots=link.slots,
             method=request.method,
+            head_budgets=request.head_budgets,
             queries=queries,
             previous=request.previous,
             chunks=len(chunks),
@@ -212,6 +220,12 @@ class CompactionService:
                 param="prompt" if request.kind == "prompt" else "messages",
             )
         count = math.ceil(total / (request.chunk_tokens or DEFAULT_CHUNK_TOKENS))
+        if request.head_budgets == "pooled" and count > 1:
+            raise CompactionError(
+                f"pooled head budgets take an input of one chunk; this one has {total} tokens "
+                "(raise chunk_tokens, or use uniform head budgets)",
+                param="head_budgets",
+            )
         if request.recompact and count > 1:
             raise CompactionError(
                 f"'recompact' takes an input of one chunk; this one has {total} tokens (raise "
@@ -295,6 +309,12 @@ class CompactionService:
             while not all(await self.engine.collective_rpc("compaction_ready", args=(handle_id,))):
                 await asyncio.sleep(POLL_S)
             replies = await self.engine.collective_rpc("compaction_finish", args=(handle_id,))
+            if len({reply["slots"] for reply in replies}) > 1:
+                # Each rank packs its own heads: their packed sizes can differ.
+                raise RuntimeError(
+                    "the tensor-parallel ranks packed their heads into different sizes; use "
+                    "uniform head budgets"
+                )
         except BaseException as error:
             # Cancelled (client gone) or failed: drop the recorded rows on the workers.
             await self.engine.collective_rpc("compaction_delete", args=(handle_id,))
