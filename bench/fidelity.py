@@ -179,9 +179,10 @@ def cached_reading(
     tokenizer: PreTrainedTokenizerBase,
     index: int,
     args: argparse.Namespace,
+    study: bool = False,
 ) -> Reading:
-    """`read_article`, kept in --readings DIR when given (tuning reruns skip the forward)."""
-    study = any("self-study" in v.sources for v in args.variants)
+    """`read_article` (with the self-study turn when `study`), kept in --readings DIR when given
+    (tuning reruns skip the forward)."""
     if args.readings is None:
         return read_article(model, tokenizer, index, args.max_tokens, args.questions, study)
     name = f"{args.model}-a{index}-{args.max_tokens}-{args.questions}{'-study' * study}.pt"
@@ -250,7 +251,8 @@ def run_article(
     args: argparse.Namespace,
 ) -> dict[str, Any]:
     """NLLs of every condition on one article (JSON-ready)."""
-    reading = cached_reading(model, tokenizer, index, args)
+    study = any("self-study" in v.sources for v in variants)
+    reading = cached_reading(model, tokenizer, index, args, study)
     t = len(reading.context)
     logger.info("article %d %r: T=%d, read in %.1fs", index, reading.title, t, reading.seconds)
     if reading.self_study_seconds is not None:
@@ -272,6 +274,9 @@ def run_article(
                     "nll": nll,
                     "per_question": each,
                     "kept_rows": int(compacted[0].lengths.max()),
+                    # Rows per layer and KV head: what a served handle's blocks follow
+                    # (with pooled head budgets they differ between heads).
+                    "head_rows": [c.lengths.tolist() for c in compacted],
                     "compact_seconds": seconds,
                 }
             )
