@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tests.server import TINY as MODEL
 from tests.server import served_tiny
-from vllm_compaction import documents, hf, store
+from vllm_compaction import documents, hf, portable, store
 from vllm_compaction.engine import pages
 
 pytestmark = pytest.mark.slow
@@ -131,6 +131,13 @@ def test_a_pooled_handle_survives_export_and_import(server, client, text):
     torch.testing.assert_close(
         torch.tensor(after.token_logprobs), torch.tensor(before.token_logprobs), atol=1e-5, rtol=0
     )
+    # A page table that points past the handle's blocks is refused, not read.
+    manifest, ranks = portable.unpack(blob.content, None)
+    ranks[0]["pages"][0][0, 0] = handle["slots"]  # pages count blocks x heads, not slots
+    forged = portable.pack(manifest, ranks, None)
+    refused = httpx.post(f"{server}/v1/compactions", content=forged, timeout=60)
+    assert refused.status_code == 400 and "page tables" in refused.json()["error"]["message"]
+    assert _complete(client, text[-8:], copy["id"]).tokens == before.tokens
 
 
 @pytest.mark.parametrize(

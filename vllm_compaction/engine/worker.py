@@ -226,16 +226,17 @@ def _check_fits(handle: Handle, vllm_config: Any) -> None:
         zip(handle.keys, handle.values, handle.bias, strict=True)
     ):
         # Packed heads: each head's bias runs over its pages' rows (engine/pages.py).
-        pages = handle.layer_pages(layer)
-        width = size[1] if pages is None else pages.shape[-1] * block_size
-        if keys.shape != size or values.shape != size or bias.shape != (heads, width):
-            raise store.CorruptHandle(f"its tensors do not fit the model's {size} KV heads")
-        if pages is not None and not (
-            pages.dtype == torch.int64
-            and pages.shape[0] == heads
-            and ((pages >= -1) & (pages < handle.slots // block_size * heads)).all()
+        table = handle.layer_pages(layer)
+        if table is not None and not (
+            table.dtype == torch.int64
+            and table.ndim == 2
+            and table.shape[0] == heads
+            and ((table >= -1) & (table < handle.slots // block_size * heads)).all()
         ):
             raise store.CorruptHandle("its page tables point outside its blocks")
+        width = size[1] if table is None else table.shape[1] * block_size
+        if keys.shape != size or values.shape != size or bias.shape != (heads, width):
+            raise store.CorruptHandle(f"its tensors do not fit the model's {size} KV heads")
         if keys.dtype != dtype or values.dtype != dtype or bias.dtype != torch.float32:
             raise store.CorruptHandle(f"its tensors are not {dtype} (bias float32)")
         if not (keys.isfinite().all() and values.isfinite().all()):
