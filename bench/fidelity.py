@@ -451,4 +451,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as the module bench.fidelity, so the readings kept in --readings unpickle as
+    # bench.fidelity.Reading in the other scripts that share them (bench/summary.py).
+    from bench import fidelity
+
+    fidelity.main()
