@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vllm_compaction.core import METHODS
-from vllm_compaction.core.methods import Method, ScoreMethod
+from vllm_compaction.core.methods import ScoreMethod
 
 DEFAULT_RATIO = 10.0
 # Longer inputs are compacted chunk by chunk: the prefill's attention and the recorded queries
@@ -143,7 +143,8 @@ class CompactRequest(BaseModel):
         if self.head_budgets == "pooled":
             if self.previous is not None:
                 raise ValueError("'head_budgets': 'pooled' cannot extend a handle ('previous')")
-            if not issubclass(METHODS.get(self.method, Method), ScoreMethod):
+            chosen = METHODS.get(self.method)  # an unknown one is refused on its own
+            if chosen is not None and not issubclass(chosen, ScoreMethod):
                 raise ValueError(f"'head_budgets': 'pooled' does not work with {self.method!r}")
         return self
 
@@ -201,8 +202,8 @@ class Compaction(BaseModel):
         description="The input's tokens (an extension: its previous handle's too)."
     )
     compacted_tokens: int = Field(
-        description="Tokens of the compacted context, verbatim ones included. A request on the "
-        "handle occupies this many positions rounded up to whole KV blocks."
+        description="Tokens of the compacted context (rows per KV head), verbatim ones "
+        "included. A request on the handle occupies `slots` positions before its own tokens."
     )
     ratio: float = Field(description="`original_tokens` / `compacted_tokens`.")
     slots: int = Field(
