@@ -15,13 +15,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from tests.compare import assert_same_greedy
+from tests.handles import GENERATED, greedy, reference_logprobs, stored, token_ids
 from tests.server import TINY as MODEL
 from tests.server import served_tiny
-from vllm_compaction import documents, hf, store
+from vllm_compaction import documents, hf
 
 pytestmark = pytest.mark.slow
 KEYS = {"key-alice": "alice", "key-bob": "bob"}
-GENERATED = 8
 FOLLOW_UP = [{"role": "user", "content": "Who is it about?"}]
 
 
@@ -62,21 +62,6 @@ def _compact(client, **body) -> dict:
     return client.post("/compact", body={"model": MODEL, **body}, cast_to=object)
 
 
-def _complete(client, prompt, handle_id=None):
-    extra = {"return_tokens_as_token_ids": True}
-    if handle_id:
-        extra["compaction"] = handle_id
-    out = client.completions.create(
-        model=MODEL,
-        prompt=prompt,
-        max_tokens=GENERATED,
-        temperature=0,
-        logprobs=5,
-        extra_body=extra,
-    )
-    return out.choices[0].logprobs
-
-
 def _chat(client, messages, handle_id=None):
     """Greedy tokens and top logprobs of a short chat reply."""
     out = client.chat.completions.create(
@@ -109,31 +94,15 @@ def _listed(client) -> list[str]:
     return [h["id"] for h in client.get("/compactions?limit=100", cast_to=object)["data"]]
 
 
-def _token_ids(logprobs) -> list[int]:
-    return [int(token.removeprefix("token_id:")) for token in logprobs.tokens]
-
-
-def _stored(folder, handle_id: str) -> dict[str, list[torch.Tensor]]:
-    """The handle's tensors as the server stored them (one worker)."""
-    path = folder / "handles" / handle_id
-    (entry,) = store.read_manifest(path)["files"]
-    return store.load_layers(path / entry["file"], entry["sha256"])
-
-
 def _reference(model, rows, prompt, served, hidden_rows: int = 0) -> torch.Tensor:
     """Transformers' logprobs of the served greedy tokens after a handle's stored rows and
     `prompt`; `hidden_rows` masks the first rows out (a negative control)."""
-    generated = _token_ids(served)
     prefix = []
     for k, b, v in zip(rows["keys"], rows["bias"], rows["values"], strict=True):
         b = b.clone()
         b[:, :hidden_rows] = -math.inf
         prefix.append(hf.Prefix(k.float(), b, v.float()))
-    ids = torch.tensor(prompt + generated)
-    slots = rows["keys"][0].shape[1]
-    logprobs = torch.log_softmax(hf.continuation_logits(model, prefix, slots, ids), dim=-1)
-    steps = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(generated))
-    return logprobs[steps, torch.tensor(generated)]
+    return reference_logprobs(model, prefix, rows["keys"][0].shape[1], prompt, served)
 
 
 def _same_greedy(a, b, atol=1e-4) -> None:
@@ -148,9 +117,7 @@ def test_extending_at_ratio_one_continues_like_the_whole_prompt(client, parts):
     assert extended["original_tokens"] == extended["compacted_tokens"] == len(old) + len(new)
     assert extended["usage"]["prompt_tokens"] == len(new)
     # 250 rows in 256 slots, then 400 rows in 416: every row moved by 416 - 256 - 150 = +10.
-    _same_greedy(
-        _complete(client, question, extended["id"]), _complete(client, old + new + question)
-    )
+    _same_greedy(greedy(client, question, extended["id"]), greedy(client, old + new + question))
 
 
 def test_extending_a_conversation_continues_like_the_whole_chat(client, parts, tokenizer):
@@ -174,7 +141,7 @@ def test_extending_a_conversation_continues_like_the_whole_chat(client, parts, t
 def test_extending_a_tenth_serves_what_transformers_computes(client, parts, folder, tiny_llama_dir):
     old, new, question = parts
     first = _compact(client, prompt=old, ratio=10)
-    before = _complete(client, question, first["id"])
+    before = greedy(client, question, first["id"])
     extended = _compact(client, prompt=new, previous=first["id"], ratio=10)
     assert extended["queries"] == "repeat"
     kept = first["compacted_tokens"]
@@ -182,7 +149,7 @@ def test_extending_a_tenth_serves_what_transformers_computes(client, parts, fold
     assert extended["original_tokens"] == len(old) + len(new)
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    earlier, rows = _stored(folder, first["id"]), _stored(folder, extended["id"])
+    earlier, rows = stored(folder, first["id"]), stored(folder, extended["id"])
     slots = rows["keys"][0].shape[1]
     assert slots == math.ceil(extended["compacted_tokens"] / 32) * 32
     # The previous rows are kept as they were, moved to the new slots' positions.
@@ -196,7 +163,7 @@ def test_extending_a_tenth_serves_what_transformers_computes(client, parts, fold
     new_bias = torch.stack([b[:, kept : extended["compacted_tokens"]] for b in rows["bias"]])
     assert new_bias.abs().max() > 0.01  # the new part really carries a fitted beta
 
-    served = _complete(client, question, extended["id"])
+    served = greedy(client, question, extended["id"])
     got = torch.tensor(served.token_logprobs)
     torch.testing.assert_close(got, _reference(model, rows, question, served), atol=1e-4, rtol=0)
     # Negative control: the same comparison without the previous rows must fail.
@@ -205,9 +172,9 @@ def test_extending_a_tenth_serves_what_transformers_computes(client, parts, fold
 
     # Both handles stand on their own: the old one answers as before, also once the other
     # exists, and the new one keeps answering once the old one is deleted.
-    _same_greedy(_complete(client, question, first["id"]), before, atol=1e-5)
+    _same_greedy(greedy(client, question, first["id"]), before, atol=1e-5)
     client.delete(f"/compactions/{first['id']}", cast_to=object)
-    _same_greedy(_complete(client, question, extended["id"]), served, atol=1e-5)
+    _same_greedy(greedy(client, question, extended["id"]), served, atol=1e-5)
 
 
 def test_recompacting_folds_the_previous_rows_into_a_handle_of_one_size(
@@ -221,7 +188,7 @@ def test_recompacting_folds_the_previous_rows_into_a_handle_of_one_size(
     )  # fmt: skip
     assert folded["compacted_tokens"] == 50 and folded["original_tokens"] == len(old) + len(new)
     assert folded["previous"] == first["id"] and folded["ratio"] == 8
-    earlier, rows = _stored(folder, first["id"]), _stored(folder, folded["id"])
+    earlier, rows = stored(folder, first["id"]), stored(folder, folded["id"])
     assert rows["keys"][0].shape == earlier["keys"][0].shape  # 64 slots, as before
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
@@ -239,7 +206,7 @@ def test_recompacting_folds_the_previous_rows_into_a_handle_of_one_size(
         from_previous = (distance < 1e-4).sum().item()
         assert 0 < from_previous < distance.numel(), (layer, from_previous)
 
-    served = _complete(client, question, folded["id"])
+    served = greedy(client, question, folded["id"])
     got = torch.tensor(served.token_logprobs)
     torch.testing.assert_close(got, _reference(model, rows, question, served), atol=1e-4, rtol=0)
 
@@ -321,13 +288,11 @@ def test_chunked_compaction_is_the_chain_of_its_extensions(client, parts, folder
     assert chunked["original_tokens"] == 400 and chunked["queries"] == "context"
     assert chunked["compacted_tokens"] == chain["compacted_tokens"] == 40
     assert chunked["usage"] == {"prompt_tokens": 400, "query_tokens": 0, "total_tokens": 400}
-    stored, expected = _stored(folder, chunked["id"]), _stored(folder, chain["id"])
+    made, expected = stored(folder, chunked["id"]), stored(folder, chain["id"])
     for part, layers in expected.items():
-        for got, want in zip(stored[part], layers, strict=True):
+        for got, want in zip(made[part], layers, strict=True):
             torch.testing.assert_close(got, want)
-    _same_greedy(
-        _complete(client, question, chunked["id"]), _complete(client, question, chain["id"])
-    )
+    _same_greedy(greedy(client, question, chunked["id"]), greedy(client, question, chain["id"]))
 
 
 def test_chunks_at_ratio_one_continue_like_the_whole_input(client, parts, tokenizer):
@@ -335,9 +300,7 @@ def test_chunks_at_ratio_one_continue_like_the_whole_input(client, parts, tokeni
     # 400 tokens in chunks of 133, 133 and 134, each prefilled after the slots before it.
     chunked = _compact(client, prompt=old + new, ratio=1, queries="context", chunk_tokens=150)
     assert chunked["chunks"] == 3 and chunked["compacted_tokens"] == 400
-    _same_greedy(
-        _complete(client, question, chunked["id"]), _complete(client, old + new + question)
-    )
+    _same_greedy(greedy(client, question, chunked["id"]), greedy(client, old + new + question))
 
     history, turns = _conversation(tokenizer, parts)
     talk = _compact(client, messages=history + turns, ratio=1, chunk_tokens=150)
@@ -377,7 +340,7 @@ def test_an_input_longer_than_the_model_is_compacted_in_chunks_with_progress(
     assert handle["object"] == "compaction" and handle["chunks"] == 3
     assert (handle["original_tokens"], handle["compacted_tokens"]) == (3000, 300)
     assert client.get(f"/compactions/{handle['id']}", cast_to=object) == handle
-    assert len(_token_ids(_complete(client, " In short,", handle["id"]))) == GENERATED
+    assert len(token_ids(greedy(client, " In short,", handle["id"]))) == GENERATED
 
     refusals = {
         "grows past the context": post(ratio=1.5, chunk_tokens=1000),

@@ -11,14 +11,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tests.handles import greedy, reference_logprobs, stored
 from tests.server import TINY as MODEL
 from tests.server import served_tiny
-from vllm_compaction import documents, hf, portable, store
+from vllm_compaction import documents, hf, portable
 from vllm_compaction.engine import pages
 
 pytestmark = pytest.mark.slow
 BLOCK = 32  # served_tiny's block size
-GENERATED = 8
 
 
 @pytest.fixture(scope="module")
@@ -48,34 +48,6 @@ def _compact(client, **body) -> dict:
     return client.post("/compact", body={"model": MODEL, **body}, cast_to=object)
 
 
-def _complete(client, prompt, handle_id):
-    out = client.completions.create(
-        model=MODEL,
-        prompt=prompt,
-        max_tokens=GENERATED,
-        temperature=0,
-        logprobs=1,
-        extra_body={"compaction": handle_id, "return_tokens_as_token_ids": True},
-    )
-    return out.choices[0].logprobs
-
-
-def _stored(folder, handle_id: str) -> dict[str, list[torch.Tensor]]:
-    path = folder / "handles" / handle_id
-    (entry,) = store.read_manifest(path)["files"]
-    return store.load_layers(path / entry["file"], entry["sha256"])
-
-
-def _reference(model, prefix, slots: int, prompt: list[int], served) -> torch.Tensor:
-    """Transformers' logprobs of the served tokens after `prefix` (per layer keys, bias,
-    values per head), the prompt sitting at positions slots, slots + 1, ..."""
-    generated = [int(t.removeprefix("token_id:")) for t in served.tokens]
-    ids = torch.tensor(prompt + generated)
-    logits = hf.continuation_logits(model, prefix, slots, ids)
-    steps = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(generated))
-    return torch.log_softmax(logits, dim=-1)[steps, torch.tensor(generated)]
-
-
 def test_pooled_heads_keep_their_own_rows_and_serve_what_transformers_computes(
     client, folder, text, tiny_llama_dir
 ):
@@ -86,7 +58,7 @@ def test_pooled_heads_keep_their_own_rows_and_serve_what_transformers_computes(
     assert pooled["compacted_tokens"] == uniform["compacted_tokens"] == math.ceil(len(text) / 8)
     assert uniform["slots"] == math.ceil(uniform["compacted_tokens"] / BLOCK) * BLOCK
 
-    rows = _stored(folder, pooled["id"])
+    rows = stored(folder, pooled["id"])
     per_head, needed = [], []
     for keys, bias, table in zip(rows["keys"], rows["bias"], rows["pages"], strict=True):
         live = torch.isfinite(bias).sum(dim=1)  # each head's rows over its pages
@@ -97,7 +69,7 @@ def test_pooled_heads_keep_their_own_rows_and_serve_what_transformers_computes(
     assert pooled["slots"] == max(needed) * BLOCK
     assert any(a != b for a, b in per_head), "pooling gave every head the same rows"
 
-    served = _complete(client, question, pooled["id"])
+    served = greedy(client, question, pooled["id"])
     got = torch.tensor(served.token_logprobs)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     prefix = [
@@ -106,27 +78,27 @@ def test_pooled_heads_keep_their_own_rows_and_serve_what_transformers_computes(
             rows["keys"], rows["bias"], rows["values"], rows["pages"], strict=True
         )
     ]
-    expected = _reference(model, prefix, pooled["slots"], question, served)
+    expected = reference_logprobs(model, prefix, pooled["slots"], question, served)
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
     # Negative control: the region read column by column, as an unpacked handle would be.
     by_column = [
         hf.Prefix(k.float(), torch.zeros(k.shape[:2]), v.float())
         for k, v in zip(rows["keys"], rows["values"], strict=True)
     ]
-    wrong = _reference(model, by_column, pooled["slots"], question, served)
+    wrong = reference_logprobs(model, by_column, pooled["slots"], question, served)
     assert (got - wrong).abs().max() > 1e-3
 
 
 def test_a_pooled_handle_survives_export_and_import(server, client, text):
     handle = _compact(client, prompt=text[:300], ratio=6, queries="context", head_budgets="pooled")
-    before = _complete(client, text[-8:], handle["id"])
+    before = greedy(client, text[-8:], handle["id"])
     blob = httpx.get(f"{server}/v1/compactions/{handle['id']}/content", timeout=60)
     assert blob.status_code == 200
     imported = httpx.post(f"{server}/v1/compactions", content=blob.content, timeout=60)
     assert imported.status_code == 200, imported.text
     copy = imported.json()
     assert copy["head_budgets"] == "pooled" and copy["slots"] == handle["slots"]
-    after = _complete(client, text[-8:], copy["id"])
+    after = greedy(client, text[-8:], copy["id"])
     assert after.tokens == before.tokens
     torch.testing.assert_close(
         torch.tensor(after.token_logprobs), torch.tensor(before.token_logprobs), atol=1e-5, rtol=0
@@ -137,7 +109,7 @@ def test_a_pooled_handle_survives_export_and_import(server, client, text):
     forged = portable.pack(manifest, ranks, None)
     refused = httpx.post(f"{server}/v1/compactions", content=forged, timeout=60)
     assert refused.status_code == 400 and "page tables" in refused.json()["error"]["message"]
-    assert _complete(client, text[-8:], copy["id"]).tokens == before.tokens
+    assert greedy(client, text[-8:], copy["id"]).tokens == before.tokens
 
 
 @pytest.mark.parametrize(
@@ -163,4 +135,4 @@ def test_pooled_handles_are_not_extended(client, text):
     assert "pooled" in refused.value.body["message"]
     with pytest.raises(openai.BadRequestError):
         _compact(client, prompt=text[300:400], previous=handle["id"], head_budgets="pooled")
-    assert _complete(client, text[-8:], handle["id"]).tokens  # still serves
+    assert greedy(client, text[-8:], handle["id"]).tokens  # still serves
