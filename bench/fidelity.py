@@ -100,7 +100,7 @@ class Reading:
     title: str
     context: hf.ChatContext
     layers: list[hf.LayerCapture]
-    repeat_ids: torch.Tensor  # [R] the repeat-prefill turns after the context
+    repeat_ids: torch.Tensor  # [R] the repeat-prefill turns after the context (empty: not read)
     turns: list[hf.Turn]  # question + answer after the article
     bare_turns: list[hf.Turn]  # question + answer alone (no context)
     seconds: float
@@ -114,23 +114,24 @@ def read_article(
     max_tokens: int,
     max_questions: int,
     self_study: bool = False,
+    repeat: bool = True,
 ) -> Reading:
-    """One forward over [article turn][repeat turns], capturing context and repeat queries;
-    with `self_study`, another over [article turn][self-study turns] for those queries."""
+    """One forward over [article turn][repeat turns], capturing context and repeat queries
+    (over the article turn alone without `repeat`: half the tokens); with `self_study`,
+    another over [article turn][self-study turns] for those queries."""
     article = documents.squad_article(
         index, hf.chat_token_count(tokenizer), max_tokens, max_questions
     )
     history = article.messages()
     context = hf.encode_context(tokenizer, history, article.text)
     t = len(context)
-    repeat = hf.repeat_turn(tokenizer, history, article.text)
+    if repeat:
+        repeat_ids = hf.repeat_turn(tokenizer, history, article.text).ids
+    else:
+        repeat_ids = context.ids.new_zeros(0)
+    ranges = {"context": (0, t)} | ({"repeat": (t, t + len(repeat_ids))} if repeat else {})
     start = time.perf_counter()
-    layers = hf.capture(
-        model,
-        torch.cat([context.ids, repeat.ids]),
-        t,
-        {"context": (0, t), "repeat": (t, t + len(repeat.ids))},
-    )
+    layers = hf.capture(model, torch.cat([context.ids, repeat_ids]), t, ranges)
     seconds = time.perf_counter() - start
     studied = None
     if self_study:
@@ -146,7 +147,7 @@ def read_article(
         title=article.title,
         context=context,
         layers=layers,
-        repeat_ids=repeat.ids,
+        repeat_ids=repeat_ids,
         turns=[hf.answer_turn(tokenizer, history, q.text, q.answer) for q in article.questions],
         bare_turns=[hf.answer_turn(tokenizer, [], q.text, q.answer) for q in article.questions],
         seconds=seconds,
@@ -180,16 +181,19 @@ def cached_reading(
     index: int,
     args: argparse.Namespace,
     study: bool = False,
+    repeat: bool = True,
 ) -> Reading:
-    """`read_article` (with the self-study turn when `study`), kept in --readings DIR when given
-    (tuning reruns skip the forward)."""
+    """`read_article` (with the self-study turn when `study`, the repeat turns when `repeat`),
+    kept in --readings DIR when given (tuning reruns skip the forward)."""
+    read = (model, tokenizer, index, args.max_tokens, args.questions, study, repeat)
     if args.readings is None:
-        return read_article(model, tokenizer, index, args.max_tokens, args.questions, study)
-    name = f"{args.model}-a{index}-{args.max_tokens}-{args.questions}{'-study' * study}.pt"
+        return read_article(*read)
+    name = f"{args.model}-a{index}-{args.max_tokens}-{args.questions}"
+    name += f"{'-study' * study}{'-norepeat' * (not repeat)}.pt"
     path = Path(args.readings) / name
     if path.is_file():
         return torch.load(path, weights_only=False)  # our own cache: trusted pickles
-    reading = read_article(model, tokenizer, index, args.max_tokens, args.questions, study)
+    reading = read_article(*read)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(reading, path)
     return reading
@@ -252,7 +256,8 @@ def run_article(
 ) -> dict[str, Any]:
     """NLLs of every condition on one article (JSON-ready)."""
     study = any("self-study" in v.sources for v in variants)
-    reading = cached_reading(model, tokenizer, index, args, study)
+    repeat = any("repeat" in v.sources for v in variants)  # on_policy implies it
+    reading = cached_reading(model, tokenizer, index, args, study, repeat)
     t = len(reading.context)
     logger.info("article %d %r: T=%d, read in %.1fs", index, reading.title, t, reading.seconds)
     if reading.self_study_seconds is not None:

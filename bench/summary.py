@@ -124,7 +124,7 @@ def run_article(
     index: int,
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    reading = fidelity.cached_reading(model, tokenizer, index, args)
+    reading = fidelity.cached_reading(model, tokenizer, index, args, repeat=False)
     article = documents.squad_article(
         index, hf.chat_token_count(tokenizer), args.max_tokens, args.questions
     )
