@@ -1,14 +1,17 @@
-"""Handles survive a restart: stored atomically, reloaded on first use, lost (410) if altered."""
+"""Handles survive a restart: stored atomically, reloaded on first use, lost (410) if altered;
+tombstones survive it too until they are a week old."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
 
 from tests.server import TINY as MODEL
 from tests.server import continuation, served_tiny
+from vllm_compaction.server.registry import TOMBSTONE_SECONDS
 
 pytestmark = pytest.mark.slow
 
@@ -22,6 +25,13 @@ def test_handles_reload_after_restart_and_altered_ones_are_lost(tiny_llama_dir, 
         kept = client.post("/compact", body=body, cast_to=object)
         altered = client.post("/compact", body=body, cast_to=object)
         before = continuation(client, kept["id"])
+        short = {**body, "ttl_seconds": 1}
+        expired = [client.post("/compact", body=short, cast_to=object) for _ in range(2)]
+        time.sleep(1.1)
+        for handle in expired:  # buried: each folder keeps a tombstone that says why
+            with pytest.raises(openai.APIStatusError, match="expired") as gone:
+                client.get(f"/compactions/{handle['id']}", cast_to=object)
+            assert gone.value.status_code == 410
     assert sorted(p.name for p in (handles / kept["id"]).iterdir()) == [
         "manifest.json",
         "rank0.safetensors",
@@ -39,6 +49,10 @@ def test_handles_reload_after_restart_and_altered_ones_are_lost(tiny_llama_dir, 
     interrupted = handles / "cmp_interrupted"  # a compaction killed before its manifest
     interrupted.mkdir()
     (interrupted / "rank0.safetensors").write_bytes(b"partial")
+    recent, aged = (handles / handle["id"] / "manifest.json" for handle in expired)
+    tombstone = json.loads(aged.read_text())
+    assert set(tombstone) == {"tenant", "gone", "buried_at"}  # the tensors are freed
+    aged.write_text(json.dumps({**tombstone, "buried_at": time.time() - TOMBSTONE_SECONDS - 60}))
 
     with served_tiny(tiny_llama_dir, tmp_path, log="second.log") as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused")
@@ -50,6 +64,12 @@ def test_handles_reload_after_restart_and_altered_ones_are_lost(tiny_llama_dir, 
         assert lost.value.status_code == 410
         with pytest.raises(openai.NotFoundError):
             continuation(client, "cmp_interrupted")
+        with pytest.raises(openai.APIStatusError, match="expired") as gone:
+            client.get(f"/compactions/{expired[0]['id']}", cast_to=object)
+        assert gone.value.status_code == 410 and recent.is_file()
+        with pytest.raises(openai.NotFoundError):  # its tombstone was a week old: forgotten
+            client.get(f"/compactions/{expired[1]['id']}", cast_to=object)
+        assert not aged.parent.exists()
 
         client.delete(f"/compactions/{kept['id']}", cast_to=object)
         assert not (handles / kept["id"]).exists()

@@ -3,8 +3,8 @@
 Every handle is on disk (store.py); the hot ones are also held by the workers, and the least
 recently used are spilled (dropped from worker memory, reloaded on next use) once they pass the
 memory budget. The oldest leave the disk once it passes the disk budget. A handle that is gone
-(expired, evicted, lost) keeps a small tombstone so its owner learns why (410); any other caller
-gets the 404 of an id that never existed.
+(expired, evicted, lost) keeps a small tombstone so its owner learns why (410) for a week; any
+other caller, and the owner after that, gets the 404 of an id that never existed.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ MEMORY_ENV = "VLLM_COMPACTION_MEMORY_BYTES"
 DISK_ENV = "VLLM_COMPACTION_DISK_BYTES"
 DEFAULT_MEMORY_BYTES = 1 << 30
 DEFAULT_DISK_BYTES = 20 << 30
+# How long a gone handle answers its owner 410 before it is forgotten (404): long enough for a
+# client to learn why, short enough that a busy server's tombstones do not pile up.
+TOMBSTONE_SECONDS = 7 * 86400
 
 
 def new_handle_id() -> str:
@@ -115,7 +118,9 @@ class HandleRegistry:
         self.model_facts = model_facts or {}
         self.stored: dict[str, HandleRecord] = {}  # every live handle (all are on disk)
         self.resident: OrderedDict[str, int] = OrderedDict()  # held by workers, LRU first
-        self.gone: dict[str, tuple[str, str]] = {}  # id -> (tenant, why), for the owner's 410
+        # id -> (tenant, why, buried at or None: kept for a server of other weights or size),
+        # for the owner's 410.
+        self.gone: dict[str, tuple[str, str, float | None]] = {}
         self.in_use: Counter[str] = Counter()  # requests running on a handle
         self.unwanted: set[str] = set()  # resident, no longer stored: freed after the last use
         self._scan()
@@ -134,7 +139,7 @@ class HandleRegistry:
         """The tenant's live handle, without bringing its KV to the workers."""
         record = self.stored.get(handle_id)
         if record is None or record.tenant != tenant:
-            owner, why = self.gone.get(handle_id, (None, ""))
+            owner, why, _ = self.gone.get(handle_id, (None, "", None))
             if owner == tenant:
                 raise CompactionError(f"compaction {handle_id} {why}", 410, "compaction")
             raise CompactionError(f"no compaction {handle_id!r}", 404, "compaction")
@@ -301,6 +306,7 @@ class HandleRegistry:
         self._sync_gauges()
         for stale in [r for r in self.stored.values() if r.expired()]:
             self._bury(stale, _expiry(stale))
+        self._forget_old_tombstones()
         await self._spill(keep=record.info.id)
         self._evict_disk(keep=record.info.id)
 
@@ -342,10 +348,11 @@ class HandleRegistry:
         """Replace a handle by its tombstone; its KV leaves memory after the last use."""
         handle_id = record.info.id
         self.stored.pop(handle_id, None)
-        self.gone[handle_id] = (record.tenant, why)
+        buried = time.time()
+        self.gone[handle_id] = (record.tenant, why, buried)
         folder = self.root / handle_id
         store.remove_tensors(folder)
-        store.write_manifest(folder, {"tenant": record.tenant, "gone": why})
+        store.write_manifest(folder, {"tenant": record.tenant, "gone": why, "buried_at": buried})
         if handle_id in self.resident:
             self.unwanted.add(handle_id)
             if not self.in_use[handle_id]:  # freed by the next release or spill otherwise
@@ -366,7 +373,9 @@ class HandleRegistry:
                 continue
             try:
                 if "gone" in manifest:
-                    self.gone[folder.name] = (manifest["tenant"], manifest["gone"])
+                    # Tombstones written before burial times were kept count from now.
+                    buried = float(manifest.get("buried_at", time.time()))
+                    self.gone[folder.name] = (manifest["tenant"], manifest["gone"], buried)
                     continue
                 record = HandleRecord.from_json(manifest)
                 made_by = len(manifest["files"])
@@ -375,16 +384,26 @@ class HandleRegistry:
                 continue
             if manifest.get("fingerprint") != self.fingerprint:
                 # Another model's handle (the directory may be shared): not ours to remove.
-                self.gone[folder.name] = (record.tenant, "is lost: made with other model weights")
+                why = "is lost: made with other model weights"
+                self.gone[folder.name] = (record.tenant, why, None)
             elif made_by != self.workers:
                 # Intact but split for another worker count: kept for a server of that size.
                 why = f"is unavailable here: {_other_split(made_by, self.workers)}"
-                self.gone[folder.name] = (record.tenant, why)
+                self.gone[folder.name] = (record.tenant, why, None)
             elif record.expired():
                 self._bury(record, _expiry(record))
             else:
                 self.stored[folder.name] = record
+        self._forget_old_tombstones()
         self._sync_gauges()
+
+    def _forget_old_tombstones(self) -> None:
+        """Remove the tombstones older than TOMBSTONE_SECONDS, folder and all."""
+        cutoff = time.time() - TOMBSTONE_SECONDS
+        for handle_id, (_, _, buried) in list(self.gone.items()):
+            if buried is not None and buried < cutoff:
+                del self.gone[handle_id]
+                store.remove(self.root / handle_id)
 
     def _disk_bytes(self) -> int:
         return sum(record.disk_bytes for record in self.stored.values())
