@@ -3,7 +3,7 @@ and what the plugin costs requests that use no handle.
 
     python -m bench.serving [--quick]
 
-Runs SmolLM2-135M-Instruct (bf16, the served default) on SQuAD articles through real servers on
+Runs SmolLM2-135M-Instruct (in the served default dtype) on SQuAD articles through real servers on
 127.0.0.1; prints a table, writes bench/results/serving.json and docs/benchmarks-serving.md.
 """
 
@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from bench.output import markdown_table, update_doc, write_json
 from tests.server import served
 from vllm_compaction import documents, models
-from vllm_compaction.cli import SERVE_ENV
+from vllm_compaction.cli import SERVE_ENV, dtype_default
 
 MODEL = "smollm2-135m"
 BLOCK = 128  # vLLM's CPU default
@@ -159,6 +159,7 @@ def main() -> None:
             "--enforce-eager",
             "--kv-cache-memory-bytes",
             str(4 << 30),
+            *dtype_default(),  # the dtype ours serves in
         ],
     ) as base:
         without_plugin = _plain_throughput(base, prompts, 32)
@@ -171,6 +172,7 @@ def main() -> None:
     }
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "dtype": "float32" if dtype_default() else "bf16",
         "compact_vs_prefill": compaction,
         "decode": decode,
         "sessions_per_budget": sessions,
@@ -220,7 +222,7 @@ def _markdown(result: dict) -> str:
         "\n\n".join(
             [
                 "Written by `python -m bench.serving`; "
-                f"SmolLM2-135M-Instruct (bf16) on {result['machine']}, CPU only, ratio 20.",
+                f"SmolLM2-135M-Instruct ({result['dtype']}) on {result['machine']}, CPU only, ratio 20.",
                 "## Targets (issue 4)\n\n" + targets,
                 "## /v1/compact against a plain prefill of the same context\n\n"
                 + compact

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 from transformers import AutoConfig, AutoTokenizer
 
-from vllm_compaction import models
+from vllm_compaction import machine, models
 from vllm_compaction.cli import main, serve_command
 
 
@@ -76,6 +76,20 @@ def test_serve_command_defaults_and_passthrough(smollm2_dir):
     # User flags come after the defaults, so vLLM's parser lets them win.
     assert cmd[-4:] == ["--max-model-len", "2048", "--kv-cache-memory-bytes", "1000"]
     assert cmd.index("--enforce-eager") < cmd.index("--max-model-len")
+
+
+BF16 = {"avx2", "avx512f", "avx512_bf16"}
+
+
+@pytest.mark.parametrize(("flags", "dtype"), [({"avx2"}, ["--dtype", "float32"]), (BF16, [])])
+def test_serve_defaults_to_float32_on_a_cpu_without_bf16_instructions(
+    smollm2_dir, monkeypatch, flags, dtype
+):
+    monkeypatch.setattr(machine, "vllm_on_cpu", lambda: True)
+    monkeypatch.setattr(machine, "cpu_flags", lambda: frozenset(flags))
+    cmd = serve_command(["--dtype", "bfloat16"])
+    # The default sits before the user's flags: vLLM keeps the last --dtype.
+    assert cmd[-2 - len(dtype) :] == [*dtype, "--dtype", "bfloat16"]
 
 
 def test_serve_takes_our_own_flags_out_of_vllms_and_refuses_bad_ones(

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import ModuleType
 
 from vllm_compaction import models
+from vllm_compaction.machine import cpu_flags
 
 # A child of vLLM's logger, so vLLM's handler and level apply in its processes.
 logger = logging.getLogger(f"vllm.{__name__}")
@@ -43,11 +44,7 @@ CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-mprefer-vector-width=5
 def build_dir() -> Path:
     """Where the extension is built: -march=native output runs only on CPUs with the same
     features, so the folder is keyed by them (homes shared between machines stay safe)."""
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-        features = next(line for line in cpuinfo if line.startswith("flags"))
-    except (OSError, StopIteration):
-        features = platform.processor()
+    features = " ".join(sorted(cpu_flags())) or platform.processor()
     key = hashlib.sha256(features.encode()).hexdigest()[:12]
     return models.home() / "kernels" / f"{platform.machine()}-{key}"
 
