@@ -222,7 +222,8 @@ def _markdown(result: dict) -> str:
         "\n\n".join(
             [
                 "Written by `python -m bench.serving`; "
-                f"SmolLM2-135M-Instruct ({result['dtype']}) on {result['machine']}, CPU only, ratio 20.",
+                f"SmolLM2-135M-Instruct ({result['dtype']}) on {result['machine']}, "
+                "CPU only, ratio 20.",
                 "## Targets (issue 4)\n\n" + targets,
                 "## /v1/compact against a plain prefill of the same context\n\n"
                 + compact
