@@ -20,7 +20,7 @@ mass-fit rows weighted by Y^-0.5 (Y a query's attention mass, between absolute a
 mass error; with ``outside_lse`` Y also counts the mass outside the compacted rows and value-fit
 rows are weighted by the compacted rows' share), beta in [-3, 3] (am-omp: [-12, 7], so keys
 below -7 can be replaced), mass ridge 1e-6, 20 projected-gradient steps, value ridge 1
-toward the original values, at most 8192 reference queries per head (seeded subsampling).
+toward the original values, at most 16384 reference queries per head (seeded subsampling).
 """
 
 from .attention import attention, log_mass
