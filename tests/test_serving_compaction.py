@@ -10,6 +10,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from tests.compare import assert_same_greedy
+from tests.handles import greedy
 from tests.server import TINY as MODEL
 from tests.server import metrics, served_tiny
 from vllm_compaction import documents, self_study
@@ -114,6 +115,7 @@ def test_handle_lifecycle_and_streaming(client, context):
         ({"prompt": [-1, 5, 6, 7, 8, 9]}, 400),
         ({"prompt": "some text", "ratio": "abc"}, 400),
         ({"prompt": "some text", "keep_first": -1}, 400),
+        ({"prompt": "some text", "max_queries": 0}, 400),
         ({"prompt": "some text", "target_tokens": 0}, 400),
         ({"prompt": "some text", "queries": "telepathy"}, 400),
         ({"prompt": "some text", "surprise": 1}, 400),
@@ -125,6 +127,15 @@ def test_bad_compact_requests_are_refused(server, client, body, status):
     assert response.status_code == status, response.text
     assert set(response.json()["error"]) >= {"message", "type", "code"}
     assert client.completions.create(model=MODEL, prompt="ok", max_tokens=1).choices
+
+
+def test_max_queries_reaches_the_fit(client, context):
+    few = _compact(client, prompt=context, ratio=8, queries="context", max_queries=2)
+    default = _compact(client, prompt=context, ratio=8, queries="context")
+    assert (few["max_queries"], default["max_queries"]) == (2, 16384)
+    # Two reference queries fit other rows than every query of the context: other logprobs.
+    a, b = (greedy(client, " The", handle["id"]) for handle in (few, default))
+    assert max(abs(x - y) for x, y in zip(a.token_logprobs, b.token_logprobs, strict=True)) > 1e-3
 
 
 def test_bad_handle_uses_are_refused(server, client, context):

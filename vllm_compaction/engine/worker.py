@@ -41,7 +41,8 @@ class CompactionWorkerExtension:
         previous_rows (its rows before the padding, which the new handle keeps), and fold:
         compact those rows again together with the new ones (budget then counts both);
         pool_heads: per-head budgets (the layer's rows go where attention spreads, core
-        ``pool_heads``), packed by page into the handle's blocks (engine/pages.py).
+        ``pool_heads``), packed by page into the handle's blocks (engine/pages.py);
+        max_queries: the core option (its default when absent).
         """
         capture = STATE.captures.pop(key, None)
         if capture is None or not capture.chunks:
@@ -142,6 +143,7 @@ def _compacted_handle(
         protected=protected,
         method=options.get("method", "am-highest"),
         **({"pool_heads": True} if options.get("pool_heads") else {}),
+        **({"max_queries": options["max_queries"]} if "max_queries" in options else {}),
     )
     pooled = bool(options.get("pool_heads"))
     if pooled and previous is not None:

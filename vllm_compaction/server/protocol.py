@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vllm_compaction.core import METHODS
-from vllm_compaction.core.methods import ScoreMethod
+from vllm_compaction.core.methods import Method, ScoreMethod
 
 DEFAULT_RATIO = 10.0
 # Longer inputs are compacted chunk by chunk: the prefill's attention and the recorded queries
@@ -96,6 +96,14 @@ class CompactRequest(BaseModel):
         "few (each keeps at least a quarter of its share); the handle stores each head's rows "
         "packed by KV block, so `slots` follows the rows kept, not the largest head. Not with "
         "`previous`, inputs compacted in chunks, or the methods `am-omp` and `strided`.",
+    )
+    max_queries: int = Field(
+        default=Method.max_queries,
+        ge=1,
+        description="Reference queries per KV head the fit reads (a seeded random subset of "
+        "them when there are more). Compaction time grows with it; fewer keep less (on SQuAD "
+        "with Qwen2.5-Coder-0.5B, 4096 kept clearly less than 8192, and 8192 less than the "
+        "default).",
     )
     keep_first: int | None = Field(
         default=None,
@@ -214,6 +222,9 @@ class Compaction(BaseModel):
     method: str = Field(description="The method that made it.")
     head_budgets: Literal["uniform", "pooled"] = Field(
         default="uniform", description="How each layer's rows were shared by its KV heads."
+    )
+    max_queries: int = Field(
+        default=Method.max_queries, description="Reference queries per KV head, at most."
     )
     queries: Literal["repeat", "context", "self-study"] = Field(
         description="The query source that was used (`context` when `repeat` or `self-study` "

@@ -150,6 +150,7 @@ class CompactionService:
                     "causal": queries == "context",
                     "fold": request.recompact,
                     "pool_heads": request.head_budgets == "pooled",
+                    "max_queries": request.max_queries,
                 }
                 made = await self.compact_on_workers(
                     capture_ids, chunk.end - chunk.start, query_range, link, options
@@ -189,6 +190,7 @@ class CompactionService:
             slots=link.slots,
             method=request.method,
             head_budgets=request.head_budgets,
+            max_queries=request.max_queries,
             queries=queries,
             previous=request.previous,
             chunks=len(chunks),
