@@ -223,8 +223,10 @@ class Compaction(BaseModel):
     head_budgets: Literal["uniform", "pooled"] = Field(
         default="uniform", description="How each layer's rows were shared by its KV heads."
     )
-    max_queries: int = Field(
-        default=Method.max_queries, description="Reference queries per KV head, at most."
+    max_queries: int | None = Field(
+        default=None,
+        description="Reference queries per KV head, at most (null for handles stored before "
+        "it was recorded).",
     )
     queries: Literal["repeat", "context", "self-study"] = Field(
         description="The query source that was used (`context` when `repeat` or `self-study` "

@@ -373,7 +373,7 @@ class HandleRegistry:
                 continue
             try:
                 if "gone" in manifest:
-                    # Tombstones written before burial times were kept count from now.
+                    # A tombstone from before burial times were recorded counts from now.
                     buried = float(manifest.get("buried_at", time.time()))
                     self.gone[folder.name] = (manifest["tenant"], manifest["gone"], buried)
                     continue
