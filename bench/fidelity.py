@@ -125,11 +125,10 @@ def read_article(
     history = article.messages()
     context = hf.encode_context(tokenizer, history, article.text)
     t = len(context)
+    repeat_ids, ranges = context.ids.new_zeros(0), {"context": (0, t)}
     if repeat:
         repeat_ids = hf.repeat_turn(tokenizer, history, article.text).ids
-    else:
-        repeat_ids = context.ids.new_zeros(0)
-    ranges = {"context": (0, t)} | ({"repeat": (t, t + len(repeat_ids))} if repeat else {})
+        ranges["repeat"] = (t, t + len(repeat_ids))
     start = time.perf_counter()
     layers = hf.capture(model, torch.cat([context.ids, repeat_ids]), t, ranges)
     seconds = time.perf_counter() - start
