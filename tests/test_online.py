@@ -4,6 +4,7 @@ request's own context whenever its cache reaches a threshold, and generation goe
 from __future__ import annotations
 
 import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,7 +14,7 @@ from transformers import AutoTokenizer
 
 from tests.compare import assert_same_greedy
 from tests.server import TINY as MODEL
-from tests.server import served, served_tiny
+from tests.server import metrics, served, served_tiny
 from vllm_compaction import documents
 
 pytestmark = pytest.mark.slow
@@ -44,9 +45,9 @@ def prompt(tokenizer) -> list[int]:
     return tokenizer(text)["input_ids"][:200]
 
 
-def _online(client, prompt, settings=SETTINGS, max_tokens=GENERATED, **extra):
+def _online(client, prompt, settings=SETTINGS, max_tokens=GENERATED, model=MODEL, **extra):
     return client.completions.create(
-        model=MODEL,
+        model=model,
         prompt=prompt,
         max_tokens=max_tokens,
         temperature=0,
@@ -156,6 +157,31 @@ def test_other_requests_are_unaffected(client, prompt):
     assert again.choices[0].token_ids == _online(client, prompt).choices[0].token_ids
 
 
+def test_client_gone_stops_the_generation(server, client, prompt):
+    """A client that disconnects stops its online generation (no more compactions for it), as
+    vLLM stops a plain request; the server goes on serving."""
+
+    def compactions() -> float:
+        return metrics(server)[("vllm_compaction:online_compactions_total", ())]
+
+    before = compactions()
+    body = {
+        "model": MODEL,
+        "prompt": prompt,
+        "max_tokens": 100_000,
+        "ignore_eos": True,
+        "context_management": SETTINGS,
+    }
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/completions", json=body, timeout=8)
+    time.sleep(3)  # the abort reaches the engine
+    gone = compactions()
+    assert gone > before  # it was compacting when the client left
+    time.sleep(8)
+    assert compactions() == gone
+    assert _online(client, prompt, max_tokens=150).usage.compactions == 1
+
+
 def test_bad_settings_are_refused(server, client, prompt):
     def post(settings, **body):
         body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, **body}
@@ -220,6 +246,51 @@ def _article_then_answers(tokenizer, read: int, count: int) -> list[int]:
             ]
     text = "\n\nQuestions about the text, answered:\n" + "".join(qa)
     return ids[:read] + tokenizer(text, add_special_tokens=False)["input_ids"][:count]
+
+
+def test_stop_string_across_segments(smollm2_server, smollm2_dir):
+    """A stop string that begins in one segment and ends in the next stops the generation as
+    it would stop a plain one: text cut before it (or after it, when included) and tokens up
+    to the one completing it."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    article = documents.squad()["data"][6]["paragraphs"][:3]
+    prompt = tokenizer(" ".join(p["context"] for p in article))["input_ids"][:300]
+    smollm2 = openai.OpenAI(base_url=f"{smollm2_server}/v1", api_key="unused")
+    settings = {"compact_threshold": 448, "keep_fraction": 0.25, "keep_last": 32}
+    length = 200
+    whole = _online(smollm2, prompt, settings, length, model="smollm2").choices[0]
+    # The first segment is the plain generation of 148 tokens (448 - 300 prompt tokens).
+    first = smollm2.completions.create(
+        model="smollm2",
+        prompt=prompt,
+        max_tokens=148,
+        temperature=0,
+        extra_body={"ignore_eos": True},
+    )
+    boundary = len(first.choices[0].text)
+    assert whole.text.startswith(first.choices[0].text)
+    # The shortest string across the boundary (4 characters after it) seen nowhere before.
+    start = next(
+        i for i in range(boundary - 4, 0, -1) if whole.text.find(whole.text[i : boundary + 4]) == i
+    )
+    stop = whole.text[start : boundary + 4]
+    completing = next(
+        k for k in range(149, length) if stop in tokenizer.decode(whole.token_ids[:k])
+    )
+    for included in (False, True):
+        out = _online(
+            smollm2,
+            prompt,
+            settings,
+            length,
+            model="smollm2",
+            stop=[stop],
+            include_stop_str_in_output=included,
+        ).choices[0]
+        assert out.finish_reason == "stop"
+        assert out.stop_reason == stop
+        assert out.text == whole.text[: boundary + 4 if included else start]
+        assert out.token_ids == whole.token_ids[:completing]
 
 
 def test_text_read_through_three_compactions_keeps_its_likelihood(smollm2_server, smollm2_dir):

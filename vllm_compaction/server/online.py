@@ -209,16 +209,19 @@ class OnlineGeneration:
             while len(generated) < max_tokens:
                 await self._make_room()
                 room = self.settings.compact_threshold - self._cache()
-                out = await self._segment(params, min(room, max_tokens - len(generated)))
-                generated += out.token_ids
-                self.tail += out.token_ids
-                text += out.text
+                out = await self._segment(params, min(room, max_tokens - len(generated)), generated)
                 finish, stop = out.finish_reason, out.stop_reason
+                tokens, boundary = list(out.token_ids), len(text)
+                text += out.text
+                if across := self._stop_across(params, generated, tokens, text, boundary):
+                    count, text, stop = across
+                    tokens, finish = tokens[:count], "stop"
+                generated += tokens
+                self.tail += tokens
                 if finish != "length":
                     break
         finally:
             await self._drop_own_link()
-        metrics.ONLINE_COMPACTIONS.inc(self.compactions)
         return Generation(
             text,
             generated,
@@ -234,6 +237,7 @@ class OnlineGeneration:
             return
         await self._compact()
         self.compactions += 1
+        metrics.ONLINE_COMPACTIONS.inc()
         if self._cache() >= self.settings.compact_threshold:  # _check rules this out
             raise CompactionError("a compaction made no room", status=500)
 
@@ -268,14 +272,50 @@ class OnlineGeneration:
         )  # fmt: skip
         self.link, self.tail = made, self.tail[len(region) :]
 
-    async def _segment(self, params: SamplingParams, tokens: int) -> Any:
-        """Generate up to `tokens` tokens after the current context (a CompletionOutput)."""
+    async def _segment(self, params: SamplingParams, tokens: int, generated: list[int]) -> Any:
+        """Generate up to `tokens` tokens after the current context, `generated` of them so far
+        (a CompletionOutput)."""
         segment = params.clone()
         segment.max_tokens = tokens
+        segment.min_tokens = min(tokens, max(0, params.min_tokens - len(generated)))
         # The prompt was scored stretch by stretch; skipping the prefix cache would also skip
         # the handle's slots.
         segment.prompt_logprobs, segment.skip_reading_prefix_cache = None, False
         return (await self._request(self.tail, segment)).outputs[0]
+
+    def _stop_across(
+        self,
+        params: SamplingParams,
+        generated: list[int],
+        tokens: list[int],
+        text: str,
+        boundary: int,
+    ) -> tuple[int, str, str] | None:
+        """A stop string that begins before `boundary`, where the segment of `tokens` begins in
+        `text`, and ends after it: the segment's engine request never saw the text before.
+        Returns how many of `tokens` to keep (up to the one completing it), the text cut as
+        vLLM cuts it, and the stop string; None if there is none (a stop string wholly inside
+        the segment already ended it)."""
+        found = [
+            (at, s)
+            for s in params.stop or []
+            if -1 < (at := text.find(s, max(0, boundary - len(s) + 1))) < boundary
+        ]
+        if not found:
+            return None
+        at, string = min(found)
+        # Decoded after the tokens before the segment, as vLLM's detokenizer reads a segment
+        # after its prompt (a lone token can decode differently, e.g. without its leading space).
+        decode = self.service.engine.get_tokenizer().decode
+        before = generated[-8:]
+        offset, need = len(decode(before)), at + len(string) - boundary
+        count = next(
+            (k for k in range(1, len(tokens)) if len(decode(before + tokens[:k])) - offset >= need),
+            len(tokens),
+        )
+        if len(generated) + count <= params.min_tokens:
+            return None
+        return count, text[: at + len(string) if params.include_stop_str_in_output else at], string
 
     async def _score(self, take: list[int], top: int) -> list[dict[int, Logprob] | None]:
         """Prompt logprobs of `take` read after the current context."""

@@ -23,6 +23,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.openai.completion.api_router import create_completion
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.utils.api_utils import with_cancellation
 
 from vllm_compaction import portable, store
 from vllm_compaction.engine.params import PARAMS_KEY
@@ -100,8 +101,9 @@ def _continues_from_handle(kind: str, route: str) -> dict:
         "`usage.compactions` counts them. A prompt longer than the threshold (or the model's "
         "context) is read the same way, a stretch at a time; `prompt_logprobs` scores each "
         "stretch as it is read. Settings under which a compaction could not make room are "
-        "refused (400). Not with `stream`, `n` > 1, logprobs, `echo`, beam search or tools; "
-        "stop strings are matched within each stretch between compactions.",
+        "refused (400). Not with `stream`, `n` > 1, logprobs, `echo`, beam search or tools. "
+        "Stop strings and `min_tokens` count over the whole generation, across compactions; "
+        "a client that disconnects stops it.",
     }
     schema = {"properties": {"compaction": field, online.PARAM: management}}
     return {"requestBody": {"content": {"application/json": {"schema": schema}}}}
@@ -414,6 +416,7 @@ async def _serve(request: Any, raw: Request, endpoint: str, stock: Callable, pla
     return await _holding(service.registry, handle_id, stock(request, raw))
 
 
+@with_cancellation  # as vLLM's own handlers: a client gone stops the generation
 async def _serve_online(request: Any, raw: Request, endpoint: str) -> Response:
     """A request with `context_management`: generated in segments, compacting in between."""
     try:
