@@ -29,7 +29,7 @@ import torch
 from vllm import _custom_ops as ops
 
 from tests.kernels.test_cpu_attention import paged_cache, random_sequence
-from vllm_compaction.engine.attention import attend_torch
+from vllm_compaction.engine.attention import NO_PAGES, attend_torch
 from vllm_compaction.kernels import cpu
 
 from .output import markdown_table, write_json
@@ -78,8 +78,9 @@ def measure(kernel, length: int, n: int, dtype: torch.dtype, seconds: float) -> 
 
     def native() -> None:
         kernel.biased_attention(
-            outs["native"], seq.query, cache, table, starts, lengths, [0], [seq.bias], scale
-        )
+            outs["native"], seq.query, cache, table, starts, lengths, [0], [seq.bias], [NO_PAGES],
+            [0], scale,
+        )  # fmt: skip
 
     def torch_path() -> None:
         outs["torch"].copy_(attend_torch(seq.query, cache, table[0], length, seq.bias, scale))

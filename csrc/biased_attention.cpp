@@ -13,9 +13,9 @@
 // used by all of them, and keeps an online softmax (running max m, sum l, output acc) in fp32.
 // Decode has few items, so their KV range is split and the partial softmaxes merged afterwards.
 //
-// The inner loops work on Vec, 16 floats in a GCC/Clang vector type that -march=native compiles
-// to one AVX-512 register (two AVX2 registers elsewhere); -ffp-contract=fast fuses the
-// multiply-adds. Keys and values are widened to fp32 as they are loaded.
+// The inner loops work on Vec, a GCC/Clang vector type of one register's floats (16 with
+// AVX-512, 8 with AVX2) that -march=native compiles to single instructions; -ffp-contract=fast
+// fuses the multiply-adds. Keys and values are widened to fp32 as they are loaded.
 
 #include <omp.h>
 #include <torch/extension.h>
@@ -29,14 +29,22 @@
 
 namespace {
 
-constexpr int64_t kLanes = 16;          // floats per vector: one AVX-512 register
-constexpr int64_t kMaxRowGroup = 8;     // query rows sharing one load of a key or value vector
+// Floats per vector, and query rows sharing one load of a key or value vector: a micro-kernel
+// holds rows x 2 accumulators plus 2 loaded vectors, which must fit the register file (32
+// AVX-512 registers; 16 AVX2 ones, where spilling made the kernel ~10x slower).
+#ifdef __AVX512F__
+constexpr int64_t kLanes = 16;
+constexpr int64_t kMaxRowGroup = 8;
+#else
+constexpr int64_t kLanes = 8;
+constexpr int64_t kMaxRowGroup = 4;
+#endif
 constexpr int64_t kTileRows = 64;       // query rows (tokens x heads of a group) per item
 constexpr int64_t kMinSplitSlots = 256; // keys per item at least, when the KV range is split
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // kLanes floats as one value (GCC/Clang vector extension): +, *, ?: and compares act per lane
-// and compile to single AVX-512 instructions; `scalar * Vec` broadcasts.
+// and compile to single vector instructions; `scalar * Vec` broadcasts.
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 

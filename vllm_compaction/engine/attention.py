@@ -1,8 +1,9 @@
 """CPU attention backend that records capture requests and adds beta to compacted slots.
 
-Every batch runs the stock kernel; the rows of requests that read a handle are then recomputed
-with the handle's bias on its slots: by the native kernel (csrc/biased_attention.cpp) when it
-builds, else by `attend_torch`, a plain-torch attention (fp32) that is also its reference.
+Every batch with a request that reads no handle runs the stock kernel; the rows of requests
+that read a handle are then (re)computed with the handle's bias on its slots: by the native
+kernel (csrc/biased_attention.cpp) when it builds, else by `attend_torch`, a plain-torch
+attention (fp32) that is also its reference.
 """
 
 from __future__ import annotations
@@ -51,10 +52,14 @@ class CompactionAttentionImpl(CPUAttentionBackendImpl):
                 row.capture.record(
                     layer_index, positions, query[start:end], key[start:end], value[start:end]
                 )
+        handle_rows = [row for row in rows if row.handle is not None]
         # The stock kernel runs the whole batch, so requests without a handle get exactly
         # what they would get without the plugin; handle rows are then recomputed with beta.
-        super().forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
-        handle_rows = [row for row in rows if row.handle is not None]
+        # A batch of handle rows only skips it (it would compute what is overwritten).
+        if len(handle_rows) < num_reqs:
+            super().forward(
+                layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs
+            )
         if handle_rows:
             self._check_supported()
             self._attend(output, query, kv_cache, attn_metadata, handle_rows, layer_index)
