@@ -35,7 +35,17 @@ from vllm_compaction.machine import cpu_flags
 logger = logging.getLogger(f"vllm.{__name__}")
 
 NAME = "vllm_compaction_cpu"
-SOURCES = [Path(__file__).resolve().parents[2] / "csrc" / "biased_attention.cpp"]
+
+
+def _source(name: str) -> Path:
+    """The copy of csrc/<name> a wheel carries (setup.py), else the source checkout's
+    (an editable install)."""
+    here = Path(__file__).resolve()
+    wheel = here.parent / "csrc" / name
+    return wheel if wheel.is_file() else here.parents[2] / "csrc" / name
+
+
+SOURCES = [_source("biased_attention.cpp")]
 # -ffp-contract=fast: fused multiply-adds (off in GCC's ISO modes; torch passes -std=c++20).
 # -mprefer-vector-width=512: GCC otherwise vectorises plain loops in 256-bit halves.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-mprefer-vector-width=512", "-fopenmp"]

@@ -1,0 +1,31 @@
+"""A wheel carries the native kernel's source, so an installed (not editable) package builds
+the kernel rather than falling back to the plain-torch attention."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_carries_the_kernel_source(tmp_path):
+    build = ["wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)]
+    subprocess.run([sys.executable, "-m", "pip", *build], check=True)
+    (wheel,) = tmp_path.glob("vllm_compaction-*.whl")
+    installed = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(installed)
+    # Imported from the unpacked wheel, away from the checkout, the kernel finds its source.
+    found = subprocess.run(
+        [sys.executable, "-c", "from vllm_compaction.kernels import cpu; print(cpu.SOURCES[0])"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(installed), "PATH": ""},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    source = Path(found)
+    assert source.is_relative_to(installed), found
+    assert source.read_bytes() == (ROOT / "csrc" / "biased_attention.cpp").read_bytes()
