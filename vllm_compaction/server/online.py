@@ -299,18 +299,22 @@ class OnlineGeneration:
         found = [
             (at, s)
             for s in params.stop or []
-            if -1 < (at := text.find(s, max(0, boundary - len(s) + 1))) < boundary
+            if s and -1 < (at := text.find(s, max(0, boundary - len(s) + 1))) < boundary
         ]
         if not found:
             return None
         at, string = min(found)
         # Decoded after the tokens before the segment, as vLLM's detokenizer reads a segment
         # after its prompt (a lone token can decode differently, e.g. without its leading space).
-        decode = self.service.engine.get_tokenizer().decode
+        tokenizer, skip = self.service.engine.get_tokenizer(), params.skip_special_tokens
         before = generated[-8:]
-        offset, need = len(decode(before)), at + len(string) - boundary
+
+        def chars(ids: list[int]) -> int:
+            return len(tokenizer.decode(ids, skip_special_tokens=skip))
+
+        offset, need = chars(before), at + len(string) - boundary
         count = next(
-            (k for k in range(1, len(tokens)) if len(decode(before + tokens[:k])) - offset >= need),
+            (k for k in range(1, len(tokens)) if chars(before + tokens[:k]) - offset >= need),
             len(tokens),
         )
         if len(generated) + count <= params.min_tokens:
