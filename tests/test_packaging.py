@@ -29,3 +29,14 @@ def test_wheel_carries_the_kernel_source(tmp_path):
     source = Path(found)
     assert source.is_relative_to(installed), found
     assert source.read_bytes() == (ROOT / "csrc" / "biased_attention.cpp").read_bytes()
+
+
+def test_each_source_folder_builds_in_its_own_folder(monkeypatch):
+    # torch rebuilds a build folder whenever its sources' path changes: two checkouts (or a
+    # checkout and a wheel) sharing a home must not take turns rebuilding one folder.
+    from vllm_compaction.kernels import cpu
+
+    here = cpu.build_dir()
+    monkeypatch.setattr(cpu, "SOURCES", [Path("/elsewhere/csrc/biased_attention.cpp")])
+    assert cpu.build_dir() != here
+    assert cpu.build_dir().parent == here.parent

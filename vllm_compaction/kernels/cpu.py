@@ -53,9 +53,11 @@ CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-mprefer-vector-width=5
 
 def build_dir() -> Path:
     """Where the extension is built: -march=native output runs only on CPUs with the same
-    features, so the folder is keyed by them (homes shared between machines stay safe)."""
+    features, so the folder is keyed by them (homes shared between machines stay safe), and
+    by the sources' folder: torch rebuilds (about a minute) whenever the source path in a
+    folder's build file changes, so two checkouts sharing a home would take turns."""
     features = " ".join(sorted(cpu_flags())) or platform.processor()
-    key = hashlib.sha256(features.encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{features}\n{SOURCES[0].parent}".encode()).hexdigest()[:12]
     return models.home() / "kernels" / f"{platform.machine()}-{key}"
 
 
