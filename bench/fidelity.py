@@ -401,7 +401,7 @@ def fidelity_doc(
 ) -> str:
     tokens = [r["context_tokens"] for r in runs]
     articles = ", ".join(f"{r['index']} ({r['title']})" for r in runs)
-    return f"""## Fidelity: {args.model} on SQuAD (`bench/fidelity.py`)
+    return f"""## Fidelity: {args.model} on SQuAD, {len(runs)} articles (`bench/fidelity.py`)
 
 Articles {articles}: {len(runs)} articles, {min(tokens)}-{max(tokens)} context tokens,
 up to {args.questions} questions each; fp32 transformers on CPU.
