@@ -299,6 +299,11 @@ def run_article(
     }
 
 
+def retained(none: float, full: float, nll: float) -> float:
+    """(NLL_none - NLL) / (NLL_none - NLL_full): the share of the context's value kept."""
+    return (none - nll) / (none - full)
+
+
 def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Article-averaged NLLs and retained value per variant and ratio."""
 
@@ -317,11 +322,11 @@ def summarise(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if (c["variant"], c["ratio"]) == (name, ratio)
         ]
         nll.setdefault(name, {})[f"{ratio:g}"] = mean(values)
-    retained = {
-        name: {ratio: (none - value) / (none - full) for ratio, value in by_ratio.items()}
+    kept = {
+        name: {ratio: retained(none, full, value) for ratio, value in by_ratio.items()}
         for name, by_ratio in nll.items()
     }
-    return {"nll_none": none, "nll_full": full, "nll": nll, "retained": retained}
+    return {"nll_none": none, "nll_full": full, "nll": nll, "retained": kept}
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -357,12 +362,6 @@ def plot(summary: dict[str, Any], model: str, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def retained(run: dict[str, Any], nll: float) -> float:
-    """One article's retained value of a condition's NLL."""
-    none, full = run["none"]["nll"], run["full"]["nll"]
-    return (none - nll) / (none - full)
-
-
 def against_baselines(
     summary: dict[str, Any], runs: Sequence[dict[str, Any]], variants: Sequence[Variant]
 ) -> str:
@@ -381,10 +380,11 @@ def against_baselines(
     rows = []
     for run in runs:
         by_condition = {(c["variant"], f"{c['ratio']:g}"): c["nll"] for c in run["conditions"]}
+        none, full = run["none"]["nll"], run["full"]["nll"]
         cells = []
         for ratio in ratios:
-            ours = retained(run, by_condition[HEADLINE, ratio])
-            best = max(retained(run, by_condition[name, ratio]) for name in baselines)
+            ours = retained(none, full, by_condition[HEADLINE, ratio])
+            best = max(retained(none, full, by_condition[name, ratio]) for name in baselines)
             cells.append(f"{ours:.3f} / {best:.3f}")
         rows.append([run["index"], *cells])
     table = markdown_table(["article", *(f"{r}x" for r in ratios)], rows)

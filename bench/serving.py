@@ -77,12 +77,14 @@ def _compact_vs_prefill(client, contexts: list[list[int]]) -> list[dict]:
     return rows
 
 
+def _handle(client, ids: list[int]) -> dict:
+    """A 20x handle of `ids` made with context queries (the answer of /v1/compact)."""
+    body = {"model": MODEL, "prompt": ids, "ratio": 20, "queries": "context"}
+    return client.post("/compact", body=body, cast_to=object)
+
+
 def _decode_speed(client, ids: list[int], tokens: int) -> dict:
-    handle = client.post(
-        "/compact",
-        body={"model": MODEL, "prompt": ids, "ratio": 20, "queries": "context"},
-        cast_to=object,
-    )
+    handle = _handle(client, ids)
     question = " Summarise the text above in one sentence."
     sampling = dict(model=MODEL, max_tokens=tokens, temperature=0, extra_body={})
 
@@ -108,11 +110,7 @@ def _decode_speed(client, ids: list[int], tokens: int) -> dict:
 def _prefill_on_handle(client, context: list[int], prompt: list[int]) -> dict:
     """A long prompt read after a 20x handle against the same prompt alone: the native
     attention's prefill cost (the handle's slots are few, so its time should be about equal)."""
-    handle = client.post(
-        "/compact",
-        body={"model": MODEL, "prompt": context, "ratio": 20, "queries": "context"},
-        cast_to=object,
-    )
+    handle = _handle(client, context)
 
     def seconds(**extra) -> float:
         began = time.perf_counter()
