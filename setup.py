@@ -15,8 +15,9 @@ class BuildPyWithKernelSources(build_py):
             return
         target = Path(self.build_lib) / "vllm_compaction" / "kernels" / "csrc"
         target.mkdir(parents=True, exist_ok=True)
-        for source in Path(__file__).parent.joinpath("csrc").glob("*.cpp"):
-            shutil.copy2(source, target / source.name)
+        for source in Path(__file__).parent.joinpath("csrc").iterdir():
+            if source.suffix in (".cpp", ".h"):
+                shutil.copy2(source, target / source.name)
 
 
 setup(cmdclass={"build_py": BuildPyWithKernelSources})

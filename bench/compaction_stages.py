@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import math
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -161,6 +162,14 @@ def measure(core: SimpleNamespace, layers: list[Layer], repeats: int) -> dict[st
     return {"best": best, "runs": runs}
 
 
+def _commit(folder: Path) -> str:
+    """The short commit of the checkout holding ``folder`` ("+" if the folder has changes)."""
+    git = ["git", "-C", str(folder)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "."], capture_output=True, text=True)
+    return head.stdout.strip() + ("+" if dirty.stdout.strip() else "") or "?"
+
+
 def table(before: dict[str, float], after: dict[str, float]) -> str:
     from .output import markdown_table
 
@@ -199,6 +208,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "budget": layers[0][4],
         "threads": torch.get_num_threads(),
         "core": str(Path(core.compact.__file__).parent),
+        "commit": _commit(Path(core.compact.__file__).parent),
     }
     from .output import RESULTS, update_doc, write_json
 
@@ -207,7 +217,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not all(p.is_file() for p in paths.values()):
         print(json.dumps(result["best"], indent=1))
         return
-    best = {label: json.loads(p.read_text())["best"] for label, p in paths.items()}
+    runs = {label: json.loads(p.read_text()) for label, p in paths.items()}
+    best = {label: run["best"] for label, run in runs.items()}
+    commits = {label: run["config"].get("commit", "?") for label, run in runs.items()}
     text = table(best["before"], best["after"])
     print(text)
     if not args.no_doc:
@@ -218,12 +230,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 am-highest at {args.ratio:g}x, default options, on SmolLM2-135M's captured K/V/Q of one context
 (Paul Graham essays, T = {args.length}, causal context queries pooled per KV head), each
 stage summed over the 30 layers; min of {args.repeats} runs with 1 torch thread. "before" is
-the core at 566e093^, "after" at 566e093 (the core speed-up). Measured while a CI run used the
-2-core machine: noisy, compare the ratios rather than the seconds.
+the core at {commits["before"]}, "after" at {commits["after"]}.
 Statistics: `Problem` plus row max, mass, targets and RMS weights; selection: duplicates and
-top-budget; after the speed-up the beta fit includes the kept keys' logits, formed once and
-shared by both fits (before, the beta fit gathered columns of the stored E and the value fit
-formed the logits); value fit includes the output assembly.
+top-budget; the beta fit includes the kept keys' logits, formed once and shared by both fits;
+value fit includes the output assembly.
 Data: `bench/results/compaction_stages-before.json`, `compaction_stages-after.json`.
 
 {text}

@@ -13,157 +13,23 @@
 // used by all of them, and keeps an online softmax (running max m, sum l, output acc) in fp32.
 // Decode has few items, so their KV range is split and the partial softmaxes merged afterwards.
 //
-// The inner loops work on Vec, a GCC/Clang vector type of one register's floats (16 with
-// AVX-512, 8 with AVX2) that -march=native compiles to single instructions; -ffp-contract=fast
-// fuses the multiply-adds. Keys and values are widened to fp32 as they are loaded.
+// The inner loops are simd.h's micro-kernels; keys and values are widened to fp32 as loaded.
 
 #include <omp.h>
-#include <torch/extension.h>
+
+#include "kernels.h"
+#include "simd.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
-#include <limits>
-#include <type_traits>
 #include <vector>
 
 namespace {
 
-// Floats per vector, and query rows sharing one load of a key or value vector: a micro-kernel
-// holds rows x 2 accumulators plus 2 loaded vectors, which must fit the register file (32
-// AVX-512 registers; 16 AVX2 ones, where spilling made the kernel ~10x slower).
-#ifdef __AVX512F__
-constexpr int64_t kLanes = 16;
-constexpr int64_t kMaxRowGroup = 8;
-#else
-constexpr int64_t kLanes = 8;
-constexpr int64_t kMaxRowGroup = 4;
-#endif
+using namespace vllm_compaction;
+
 constexpr int64_t kTileRows = 64;       // query rows (tokens x heads of a group) per item
 constexpr int64_t kMinSplitSlots = 256; // keys per item at least, when the KV range is split
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// kLanes floats as one value (GCC/Clang vector extension): +, *, ?: and compares act per lane
-// and compile to single vector instructions; `scalar * Vec` broadcasts.
-typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline Vec splat(float x) { return Vec{} + x; }
-
-inline Vec load(const float* p) {
-  Vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// bf16 is the top half of an fp32: widen the bits and shift them up.
-inline Vec load(const c10::BFloat16* p) {
-  typedef uint16_t Bits16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-  typedef uint32_t Bits32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
-  Bits16 bits;
-  std::memcpy(&bits, p, sizeof bits);
-  return reinterpret_cast<Vec>(__builtin_convertvector(bits, Bits32) << 16);
-}
-
-inline Vec load(const c10::Half* p) {
-  typedef _Float16 Half16 __attribute__((vector_size(kLanes * sizeof(_Float16))));
-  Half16 halves;
-  std::memcpy(&halves, p, sizeof halves);
-  return __builtin_convertvector(halves, Vec);
-}
-
-inline void store(float* p, Vec v) { std::memcpy(p, &v, sizeof v); }
-
-// exp(x) for x <= 0 (arguments are score - running max), relative error ~1e-7; exactly 0 at
-// -inf. Own polynomial because libm's expf does not vectorise without -ffast-math, and
-// -ffast-math would assume away the -inf of masked and padding slots.
-inline Vec exp_nonpositive(Vec x) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2Hi = 0.693359375f;  // ln 2 = kLn2Hi + kLn2Lo, kLn2Hi exact in few bits
-  constexpr float kLn2Lo = -2.12194440e-4f;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  x = x > -88.0f ? x : splat(-88.0f);    // so 2^k below ends at 2^-127, whose bits are 0
-  const Vec k = (x * kLog2e + kRound) - kRound;
-  const Vec r = (x - k * kLn2Hi) - k * kLn2Lo;  // |r| <= ln(2) / 2
-  Vec p = splat(1.0f / 5040);
-  for (const float c : {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f})
-    p = p * r + c;
-  const IVec exponent = __builtin_convertvector(k, IVec) + 127;
-  return p * reinterpret_cast<Vec>(exponent << 23);
-}
-
-inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
-
-// s[r, j] = q[r, :] . kt[:, j] for R rows and C vectors of columns j (kt: keys [D, B] of one
-// block, from the first column). Each q[r, d] loaded serves C multiply-adds.
-template <int64_t R, int64_t C, typename cache_t>
-void scores_tile(const float* q, const cache_t* kt, int64_t d_size, int64_t block_size,
-                 float* s) {
-  Vec acc[R][C] = {};
-  for (int64_t d = 0; d < d_size; ++d) {
-    Vec k[C];
-    for (int64_t c = 0; c < C; ++c) k[c] = load(kt + d * block_size + c * kLanes);
-    for (int64_t r = 0; r < R; ++r) {
-      const float qrd = q[r * d_size + d];
-      for (int64_t c = 0; c < C; ++c) acc[r][c] += qrd * k[c];
-    }
-  }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) store(s + r * block_size + c * kLanes, acc[r][c]);
-}
-
-// Scores of R rows for the block's first `chunks` vectors of columns.
-template <int64_t R, typename cache_t>
-void scores_rows(const float* q, const cache_t* kt, int64_t d_size, int64_t block_size,
-                 int64_t chunks, float* s) {
-  int64_t c = 0;
-  for (; c + 2 <= chunks; c += 2)
-    scores_tile<R, 2>(q, kt + c * kLanes, d_size, block_size, s + c * kLanes);
-  if (c < chunks) scores_tile<R, 1>(q, kt + c * kLanes, d_size, block_size, s + c * kLanes);
-}
-
-// acc[r, :] += sum_{j < count} p[r, j] * v[j, :] for R rows and C vectors of acc's columns (v:
-// values [B, D] of one block, from the first column). Each p[r, j] loaded serves C multiply-adds.
-template <int64_t R, int64_t C, typename cache_t>
-void values_tile(const float* p, int64_t block_size, const cache_t* v, int64_t d_size,
-                 int64_t count, float* acc) {
-  Vec sum[R][C];
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) sum[r][c] = load(acc + r * d_size + c * kLanes);
-  for (int64_t j = 0; j < count; ++j) {
-    Vec vj[C];
-    for (int64_t c = 0; c < C; ++c) vj[c] = load(v + j * d_size + c * kLanes);
-    for (int64_t r = 0; r < R; ++r) {
-      const float prj = p[r * block_size + j];
-      for (int64_t c = 0; c < C; ++c) sum[r][c] += prj * vj[c];
-    }
-  }
-  for (int64_t r = 0; r < R; ++r)
-    for (int64_t c = 0; c < C; ++c) store(acc + r * d_size + c * kLanes, sum[r][c]);
-}
-
-// Weighted values of R rows, over all D columns.
-template <int64_t R, typename cache_t>
-void values_rows(const float* p, int64_t block_size, const cache_t* v, int64_t d_size,
-                 int64_t count, float* acc) {
-  int64_t c = 0;
-  for (; (c + 2) * kLanes <= d_size; c += 2)
-    values_tile<R, 2>(p, block_size, v + c * kLanes, d_size, count, acc + c * kLanes);
-  if (c * kLanes < d_size)
-    values_tile<R, 1>(p, block_size, v + c * kLanes, d_size, count, acc + c * kLanes);
-}
-
-inline float max_lane(Vec v) {
-  float out = v[0];
-  for (int64_t i = 1; i < kLanes; ++i) out = std::max(out, v[i]);
-  return out;
-}
-
-inline float sum_lanes(Vec v) {
-  float out = 0.0f;
-  for (int64_t i = 0; i < kLanes; ++i) out += v[i];
-  return out;
-}
 
 // One row's online-softmax step over a block: turns its scores s[0, chunks * kLanes) into
 // weights in place (0 from slot `seen` on: causally hidden or past the sequence) and rescales
@@ -195,25 +61,6 @@ inline void online_softmax(float* s, int64_t chunks, int64_t seen, float& m, flo
   l = l * rescale + sum_lanes(block_sum);
   for (int64_t d = 0; d < d_size; ++d) acc[d] *= rescale;
   m = new_max;
-}
-
-// Calls fn(std::integral_constant<int64_t, R>, first_row) over rows in groups of R <= 8, so
-// the micro-kernels above see their row count at compile time.
-template <typename Fn>
-void for_row_groups(int64_t rows, Fn&& fn) {
-  int64_t r = 0;
-  for (; r + kMaxRowGroup <= rows; r += kMaxRowGroup)
-    fn(std::integral_constant<int64_t, kMaxRowGroup>{}, r);
-  switch (rows - r) {
-    case 1: fn(std::integral_constant<int64_t, 1>{}, r); break;
-    case 2: fn(std::integral_constant<int64_t, 2>{}, r); break;
-    case 3: fn(std::integral_constant<int64_t, 3>{}, r); break;
-    case 4: fn(std::integral_constant<int64_t, 4>{}, r); break;
-    case 5: fn(std::integral_constant<int64_t, 5>{}, r); break;
-    case 6: fn(std::integral_constant<int64_t, 6>{}, r); break;
-    case 7: fn(std::integral_constant<int64_t, 7>{}, r); break;
-    default: break;
-  }
 }
 
 struct Sequence {
@@ -298,7 +145,7 @@ void attend_item(const Item& item, const Task& task, const Sequence& seq, const 
     const int64_t chunks = (visible + kLanes - 1) / kLanes;
     for_row_groups(rows, [&](auto R, int64_t r0) {
       scores_rows<R.value>(q.data() + r0 * d_size, kt, d_size, block_size, chunks,
-                           s.data() + r0 * block_size);
+                           s.data() + r0 * block_size, block_size);
     });
     const int64_t biased = std::clamp<int64_t>(seq.slots - first_slot, 0, visible);
     for (int64_t r = 0; r < rows; ++r) {
@@ -400,6 +247,8 @@ void run(torch::Tensor& out, const torch::Tensor& query, const torch::Tensor& kv
                           out.stride(0), out.stride(1));
 }
 
+}  // namespace
+
 // Writes out[start:end] of each batch row in `rows` (its segment of query_start_loc): causal
 // attention of its queries over its cached slots, with biases[i] [H_kv, S] added to slots < S.
 // pages[i] [H_kv, P] int64 (empty: none) packs row i's first region_slots[i] slots by head;
@@ -487,14 +336,4 @@ void biased_attention(torch::Tensor out, const torch::Tensor& query,
     case torch::kHalf: return run<c10::Half>(out, query, kv_cache, seqs, shape, s);
     default: TORCH_CHECK(false, "unsupported dtype ", query.scalar_type());
   }
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("biased_attention", &biased_attention,
-        "Causal attention over vLLM's CPU paged KV cache with a bias on the first slots",
-        py::arg("out"), py::arg("query"), py::arg("kv_cache"), py::arg("block_table"),
-        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("rows"), py::arg("biases"),
-        py::arg("pages"), py::arg("region_slots"), py::arg("scale"));
 }

@@ -9,13 +9,18 @@ import torch
 
 from vllm_compaction.core import problem as problem_module
 from vllm_compaction.core.problem import Problem, _row_hash
+from vllm_compaction.kernels import cpu
+
+# Not a multiple of 8 or 16: the native pass pads its score rows to whole vectors.
+LENGTH = 45
 
 
 def _layer(positions: str, biased: bool, seed: int = 0) -> Problem:
     """Keys with or without bias (some -inf); queries without positions or with positions
-    shuffled or sorted, the first ones seeing no key at all (a whole block of them)."""
+    shuffled or sorted, the first ones seeing no key at all (a whole block of them), and some
+    mass outside (none for a few queries). Head size 16: the native pass applies."""
     gen = torch.Generator().manual_seed(seed)
-    heads, length, n, dim = 2, 40, 90, 8
+    heads, length, n, dim = 2, LENGTH, 90, 16
     bias = torch.zeros(heads, length)
     if biased:
         bias = torch.randn(heads, length, generator=gen)
@@ -26,45 +31,59 @@ def _layer(positions: str, biased: bool, seed: int = 0) -> Problem:
         if positions == "sorted":
             where = where.sort(dim=1).values
         where[:, :8] = -1
+    outside = 3 * torch.randn(heads, n, generator=gen)
+    outside[:, 40:45] = -math.inf
     return Problem(
         keys=torch.randn(heads, length, dim, generator=gen),
         values=torch.randn(heads, length, dim, generator=gen),
-        queries=2 * torch.randn(heads, n, dim, generator=gen),
+        queries=torch.randn(heads, n, dim, generator=gen),
         bias=bias,
         query_positions=where,
         budgets=torch.full((heads,), 10),
-        scale=0.3,
+        scale=0.6,
+        outside=outside,
     )
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("biased", [False, True])
 @pytest.mark.parametrize("positions", ["none", "shuffled", "sorted"])
 def test_blocked_statistics_match_dense_definitions(
-    positions: str, biased: bool, monkeypatch: pytest.MonkeyPatch
+    positions: str, biased: bool, native: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     problem = _layer(positions, biased)
     causal = positions != "none"
     # Tiny blocks: many row blocks, each with its own count of visible keys.
     monkeypatch.setattr(problem_module, "_BLOCK_ROWS", 7)
+    if native:
+        # Set-up builds the kernels: a missing build is a failure here, not a quiet fallback.
+        assert cpu.load() is not None
+        assert problem._native_statistics() is not None
+    else:
+        monkeypatch.setattr(Problem, "_native_statistics", lambda self: None)
 
     scores = problem.scale * problem.queries.double() @ problem.keys.double().transpose(1, 2)
     scores = scores + problem.bias.double()[:, None, :]
     if causal:
-        future = torch.arange(40)[None, None, :] > problem.query_positions[:, :, None]
+        future = torch.arange(LENGTH)[None, None, :] > problem.query_positions[:, :, None]
         scores = scores.masked_fill(future, -math.inf)
     sees = torch.isfinite(scores).any(dim=-1)
     shift = torch.where(sees, scores.amax(dim=-1), 0.0)
     weights = (scores - shift[..., None]).exp()
     mass = weights.sum(dim=-1)
-    attn = weights / mass.clamp_min(1e-300)[..., None]
+    targets = (weights / mass.clamp_min(1e-300)[..., None]) @ problem.values.double()
+    # Softmax weights over everything a query sees: these keys and the mass outside.
+    total = mass + (problem.outside.double() - shift).exp()
+    attn = torch.where(sees[..., None], weights / total[..., None], 0.0)
     count = sees.sum(dim=1, keepdim=True)
     rms = (attn.square().sum(dim=1) / count).sqrt()
-    targets = attn @ problem.values.double()
 
     assert causal == bool((~sees).any())
     close = dict(rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(problem.shift, shift.float(), **close)
     torch.testing.assert_close(problem.mass, mass.float(), **close)
+    inverse_total = torch.where(sees, 1 / total, 0.0)
+    torch.testing.assert_close(problem.inverse_total, inverse_total.float(), **close)
     torch.testing.assert_close(problem.targets, targets.float(), **close)
     torch.testing.assert_close(problem.rms_attention(), rms.float(), **close)
     torch.testing.assert_close(problem.weights, weights.float(), **close)

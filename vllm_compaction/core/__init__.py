@@ -1,6 +1,8 @@
 """Engine-free Attention Matching: compact a layer's KV cache to keys, biases and values.
 
-Pure torch; nothing here imports vLLM or transformers.
+Torch only; nothing here imports vLLM or transformers. On CPU the statistics pass runs in
+the native kernel of csrc/ when this install can build it (imported on first use, torch
+otherwise; problem.py).
 
 Layout (one concern per module):
     compact.py     compact_layer, the entry point (validate, subsample queries, run a method)

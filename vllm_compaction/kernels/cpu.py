@@ -1,7 +1,7 @@
 """Native CPU kernels from csrc/, compiled on first use with torch.utils.cpp_extension.
 
-`load()` builds csrc/biased_attention.cpp once per machine under `<home>/kernels/` (torch
-rebuilds it when the source or flags change) and returns the extension module. When it cannot
+`load()` builds csrc/ once per machine under `<home>/kernels/` (torch rebuilds it when a
+source or the flags change) and returns the extension module. When it cannot
 (no compiler, no ninja, a failed build) it logs one warning and returns None, and callers use
 their plain-torch path. `build()` does the same ahead of time, for deploy/setup.sh.
 
@@ -13,6 +13,10 @@ logits of slots [0, S), written into the same segment of `out`. A non-empty page
 (int64) says the row's first region_slots[j] slots hold heads packed by page
 (engine/pages.py): each head reads its pages' rows (biases[j] then [H_kv, P * block_size]),
 then the slots after the region.
+
+And `attention_statistics(queries, keys, values, bias, positions, outside, scale)`: the
+compaction's statistics pass (core's `Problem._statistics`), empty tensors for no bias,
+positions or outside mass.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ def _source(name: str) -> Path:
     return wheel if wheel.is_file() else here.parents[2] / "csrc" / name
 
 
-SOURCES = [_source("biased_attention.cpp")]
+SOURCES = [
+    _source(name) for name in ("module.cpp", "biased_attention.cpp", "attention_statistics.cpp")
+]
 # -ffp-contract=fast: fused multiply-adds (off in GCC's ISO modes; torch passes -std=c++20).
 # -mprefer-vector-width=512: GCC otherwise vectorises plain loops in 256-bit halves.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-mprefer-vector-width=512", "-fopenmp"]
@@ -68,8 +74,8 @@ def load() -> ModuleType | None:
         return _compile()
     except Exception as exc:  # any failure means the same thing: use the torch path
         logger.warning(
-            "vllm-compaction: the native CPU attention kernel is unavailable, so compacted "
-            "contexts use the slower plain-torch attention path. Reason: %s",
+            "vllm-compaction: the native CPU kernels are unavailable, so attention over "
+            "compacted contexts and compaction itself use slower plain-torch paths. Reason: %s",
             _reason(exc),
         )
         return None
