@@ -11,7 +11,8 @@ apart and summed over all layers:
 3. beta fit: `fit_beta` (after the speed-up also `problem.logits(indices)`, shared by the fits);
 4. value fit: `fit_values` and the output assembly.
 
-Plus the total of `compact_layer` on the same inputs. Min of --repeats runs, 1 torch thread.
+Plus the total of `compact_layer` on the same inputs. Min of --repeats runs, --threads torch
+(and OpenMP) threads.
 
     python -m bench.compaction_stages                                     # this core: "after"
     python -m bench.compaction_stages --core-from /tmp/core-before --label before
@@ -185,6 +186,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--ratio", type=float, default=20.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="1: the least noisy timing")
     parser.add_argument("--no-doc", action="store_true", help="do not update the docs table")
     return parser.parse_args(argv)
 
@@ -194,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.core_from is not None:
         sys.path.insert(0, str(args.core_from.resolve()))
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     core = load_core()
     logger.info("core: %s", Path(core.compact.__file__).parent)
     layers = capture_layers(args.length, args.ratio, core)
@@ -220,6 +222,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     runs = {label: json.loads(p.read_text()) for label, p in paths.items()}
     best = {label: run["best"] for label, run in runs.items()}
     commits = {label: run["config"].get("commit", "?") for label, run in runs.items()}
+    if runs["before"]["config"]["threads"] != args.threads:
+        raise SystemExit("time 'before' with the same --threads first")
     text = table(best["before"], best["after"])
     print(text)
     if not args.no_doc:
@@ -229,8 +233,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 am-highest at {args.ratio:g}x, default options, on SmolLM2-135M's captured K/V/Q of one context
 (Paul Graham essays, T = {args.length}, causal context queries pooled per KV head), each
-stage summed over the 30 layers; min of {args.repeats} runs with 1 torch thread. "before" is
-the core at {commits["before"]}, "after" at {commits["after"]}.
+stage summed over the 30 layers; min of {args.repeats} runs with {args.threads} torch (and
+OpenMP) thread(s). "before" is the core at {commits["before"]}, "after" at {commits["after"]}.
 Statistics: `Problem` plus row max, mass, targets and RMS weights; selection: duplicates and
 top-budget; the beta fit includes the kept keys' logits, formed once and shared by both fits;
 value fit includes the output assembly.

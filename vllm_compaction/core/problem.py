@@ -132,7 +132,7 @@ class Problem:
         return _Statistics(shift, mass, inverse_total, targets, squares)
 
     def _native_statistics(self) -> _Statistics | None:
-        """The pass of csrc/attention_statistics.cpp, about twice as fast as torch's on CPU
+        """The pass of csrc/attention_statistics.cpp, about twice as fast as torch's on two cores
         (a tile of score rows stays in cache through every step), or None when it does not
         apply: tensors not on the CPU, head sizes not a multiple of 16 (one AVX-512 vector),
         or no native kernels on this install (they need a C++ compiler; core itself needs
