@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -47,31 +48,43 @@ def _contexts(tokenizer, lengths: list[int]) -> list[list[int]]:
     return out
 
 
-def _compact_vs_prefill(client, contexts: list[list[int]]) -> list[dict]:
+def _compact_vs_prefill(client, contexts: list[list[int]], repeats: int) -> list[dict]:
+    """Per context: medians of `repeats` plain prefills and /v1/compact calls (context and
+    repeat queries), taken in turn so that a slow spell of the machine slows all of them."""
     rows = []
     for ids in contexts:
-        began = time.perf_counter()
-        client.completions.create(
-            model=MODEL,
-            prompt=ids,
-            max_tokens=1,
-            extra_body={"cache_salt": f"bench-{time.time_ns()}"},
-        )  # no prefix-cache hit
-        prefill = time.perf_counter() - began
-        for queries in ("context", "repeat"):
-            body = {"model": MODEL, "prompt": ids, "ratio": 20, "queries": queries}
+        times: dict[str, list[float]] = {"prefill": [], "context": [], "repeat": []}
+        stages: dict[str, list[float]] = {"context": [], "repeat": []}
+        used = {}
+        for _ in range(repeats):
             began = time.perf_counter()
-            handle = client.post("/compact", body=body, cast_to=object)
-            elapsed = time.perf_counter() - began
-            client.delete(f"/compactions/{handle['id']}", cast_to=object)
+            client.completions.create(
+                model=MODEL,
+                prompt=ids,
+                max_tokens=1,
+                extra_body={"cache_salt": f"bench-{time.time_ns()}"},
+            )  # no prefix-cache hit
+            times["prefill"].append(time.perf_counter() - began)
+            for queries in ("context", "repeat"):
+                body = {"model": MODEL, "prompt": ids, "ratio": 20, "queries": queries}
+                began = time.perf_counter()
+                handle = client.post("/compact", body=body, cast_to=object)
+                times[queries].append(time.perf_counter() - began)
+                client.delete(f"/compactions/{handle['id']}", cast_to=object)
+                stages[queries].append(handle["timing"]["compact_s"])
+                used[queries] = handle["queries"]
+        prefill = statistics.median(times["prefill"])
+        for queries in ("context", "repeat"):
+            compact = statistics.median(times[queries])
             rows.append(
                 {
                     "tokens": len(ids),
-                    "queries": handle["queries"],
+                    "queries": used[queries],
                     "prefill_s": prefill,
-                    "compact_s": elapsed,
-                    "x_prefill": elapsed / prefill,
-                    "compact_stage_s": handle["timing"]["compact_s"],
+                    "compact_s": compact,
+                    "x_prefill": compact / prefill,
+                    "compact_stage_s": statistics.median(stages[queries]),
+                    "runs": {"prefill_s": times["prefill"], "compact_s": times[queries]},
                 }
             )
     return rows
@@ -154,6 +167,9 @@ def main() -> None:
     global _TOKENIZER
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer lengths and requests")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timings per context for /v1/compact vs prefill"
+    )
     args = parser.parse_args()
     model_dir = models.pull(MODEL)
     _TOKENIZER = AutoTokenizer.from_pretrained(model_dir)
@@ -164,7 +180,7 @@ def main() -> None:
 
     with served([], logs / "serving-plugin.log") as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", timeout=600)
-        compaction = _compact_vs_prefill(client, contexts)
+        compaction = _compact_vs_prefill(client, contexts, args.repeats)
         decode = _decode_speed(client, contexts[-1], 64 if args.quick else 128)
         prefill = _prefill_on_handle(client, contexts[0], contexts[1])
         prompts = [f"Fact {i} about the Normans:" for i in range(16 if args.quick else 48)]
@@ -199,6 +215,7 @@ def main() -> None:
         "machine": f"{platform.machine()} ({vector_isa()}), {os.cpu_count()} cores, "
         f"{platform.python_version()}",
         "dtype": "float32" if dtype_default() else "bf16",
+        "repeats": args.repeats,
         "compact_vs_prefill": compaction,
         "decode": decode,
         "prefill_on_handle": prefill,
@@ -255,8 +272,10 @@ def _markdown(result: dict) -> str:
                 "## Targets (issue 4)\n\n" + targets,
                 "## /v1/compact against a plain prefill of the same context\n\n"
                 + compact
-                + "\n\nRepeat queries need about 2T positions: at 4096 tokens they pass SmolLM2's "
-                "8192 and the server falls back to context queries (the rows say what ran).",
+                + f"\n\nMedians of {result['repeats']} runs each, prefill and compactions taken in "
+                "turn (this machine's timings wander by tens of percent between runs). Repeat "
+                "queries need about 2T positions: at 4096 tokens they pass SmolLM2's 8192 and the "
+                "server falls back to context queries (the rows say what ran).",
                 "## Decode speed after a compacted vs a full prefix\n\n"
                 + markdown_table(
                     ["full tok/s", "compacted tok/s", "compacted tokens"],

@@ -43,7 +43,7 @@ struct Layer {
 
 struct Results {
   float *shift, *mass, *inverse_total, *targets;  // [H, n], [H, n], [H, n], [H, n, Dv]
-  float* partial_squares;                         // [H, slabs, T]
+  float* partial_squares;                         // [H, slabs, blocks * kKeyBlock]
 };
 
 // Keys query i of head h sees: those at positions <= its own.
@@ -118,7 +118,8 @@ void statistics_tile(const Layer& layer, const Results& out, int64_t h, int64_t 
   }
   float* targets = out.targets + (h * layer.n + first) * dv_size;
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < dv_size; ++c) targets[r * dv_size + c] = acc[r * dv_size + c] * inverse[r];
+    for (int64_t c = 0; c < dv_size; ++c)
+      targets[r * dv_size + c] = acc[r * dv_size + c] * inverse[r];
   for (int64_t r = 0; r < rows; ++r) {
     const float* er = s.data() + r * width;
     for (int64_t j = 0; j < width; j += kLanes) {
