@@ -13,6 +13,8 @@ from vllm_compaction.kernels import cpu
 
 # Not a multiple of 8 or 16: the native pass pads its score rows to whole vectors.
 LENGTH = 45
+# More than one slab of the native pass (256 queries): its partial key sums are added up.
+QUERIES = 300
 
 
 def _layer(positions: str, biased: bool, seed: int = 0) -> Problem:
@@ -20,7 +22,7 @@ def _layer(positions: str, biased: bool, seed: int = 0) -> Problem:
     shuffled or sorted, the first ones seeing no key at all (a whole block of them), and some
     mass outside (none for a few queries). Head size 16: the native pass applies."""
     gen = torch.Generator().manual_seed(seed)
-    heads, length, n, dim = 2, LENGTH, 90, 16
+    heads, length, n, dim = 2, LENGTH, QUERIES, 16
     bias = torch.zeros(heads, length)
     if biased:
         bias = torch.randn(heads, length, generator=gen)
@@ -92,9 +94,25 @@ def test_blocked_statistics_match_dense_definitions(
     # The fits form the kept columns of E from their logits; padding slots (-1) give 0.
     indices = torch.tensor([[3, 9, 17, 30, 39], [0, 12, 25, -1, -1]])
     columns = (problem.logits(indices) - problem.shift[..., None]).exp()
-    expected = weights.gather(2, indices.clamp(min=0)[:, None, :].expand(-1, 90, -1))
+    expected = weights.gather(2, indices.clamp(min=0)[:, None, :].expand(-1, QUERIES, -1))
     expected = expected.masked_fill(indices[:, None, :] < 0, 0.0)
     torch.testing.assert_close(columns, expected.float(), **close)
+
+
+def test_native_statistics_do_not_depend_on_the_thread_count() -> None:
+    threads = torch.get_num_threads()
+    try:
+        outputs = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            native = _layer("shuffled", biased=True)._native_statistics()
+            assert native is not None
+            outputs.append(native)
+    finally:
+        torch.set_num_threads(threads)
+    for other in outputs[1:]:
+        for a, b in zip(vars(outputs[0]).values(), vars(other).values(), strict=True):
+            assert torch.equal(a, b)
 
 
 def test_duplicates_match_unique_rows() -> None:
