@@ -66,9 +66,8 @@ def _compact_vs_prefill(client, contexts: list[list[int]], repeats: int) -> list
             )  # no prefix-cache hit
             times["prefill"].append(time.perf_counter() - began)
             for queries in ("context", "repeat"):
-                body = {"model": MODEL, "prompt": ids, "ratio": 20, "queries": queries}
                 began = time.perf_counter()
-                handle = client.post("/compact", body=body, cast_to=object)
+                handle = _handle(client, ids, queries)
                 times[queries].append(time.perf_counter() - began)
                 client.delete(f"/compactions/{handle['id']}", cast_to=object)
                 stages[queries].append(handle["timing"]["compact_s"])
@@ -90,9 +89,9 @@ def _compact_vs_prefill(client, contexts: list[list[int]], repeats: int) -> list
     return rows
 
 
-def _handle(client, ids: list[int]) -> dict:
-    """A 20x handle of `ids` made with context queries (the answer of /v1/compact)."""
-    body = {"model": MODEL, "prompt": ids, "ratio": 20, "queries": "context"}
+def _handle(client, ids: list[int], queries: str = "context") -> dict:
+    """A 20x handle of `ids` made with `queries` (the answer of /v1/compact)."""
+    body = {"model": MODEL, "prompt": ids, "ratio": 20, "queries": queries}
     return client.post("/compact", body=body, cast_to=object)
 
 
