@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vllm_compaction.core import problem as problem_module
+from vllm_compaction.core.fit import normal_equations
 from vllm_compaction.core.problem import Problem, _row_hash
 from vllm_compaction.kernels import cpu
 
@@ -57,6 +58,7 @@ def test_blocked_statistics_match_dense_definitions(
     causal = positions != "none"
     # Tiny blocks: many row blocks, each with its own count of visible keys.
     monkeypatch.setattr(problem_module, "_BLOCK_ROWS", 7)
+    monkeypatch.setattr(problem_module, "_KEPT_ROWS", 7)
     if native:
         # Set-up builds the kernels: a missing build is a failure here, not a quiet fallback.
         assert cpu.load() is not None
@@ -97,6 +99,28 @@ def test_blocked_statistics_match_dense_definitions(
     expected = weights.gather(2, indices.clamp(min=0)[:, None, :].expand(-1, QUERIES, -1))
     expected = expected.masked_fill(indices[:, None, :] < 0, 0.0)
     torch.testing.assert_close(columns, expected.float(), **close)
+
+
+@pytest.mark.parametrize("positions", ["none", "shuffled", "sorted"])
+def test_kept_blocks_normal_equations_match_dense_products(
+    positions: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fits' products summed over row blocks, each over the kept columns it reaches,
+    equal the dense ones: no column a block's queries see is left out."""
+    problem = _layer(positions, biased=True)
+    monkeypatch.setattr(problem_module, "_KEPT_ROWS", 7)
+    indices = torch.tensor([[3, 9, 17, 30, 39], [0, 12, 25, 44, -1]])
+    blocks = problem.kept_blocks(indices)
+    if positions == "sorted":  # the early blocks reach fewer columns
+        assert min(reach for _, reach in blocks) < max(reach for _, reach in blocks)
+    design = (problem.logits(indices) - problem.shift[..., None]).exp()
+    kept = torch.randn(2, 5, 3, generator=torch.Generator().manual_seed(2))
+    targets = torch.randn(2, QUERIES, 3, generator=torch.Generator().manual_seed(3))
+    gram, product = normal_equations(problem, indices, design, targets, kept)
+    x = design.double()
+    torch.testing.assert_close(gram, (x.mT @ x).float(), rtol=1e-5, atol=1e-5)
+    expected = x.mT @ (targets.double() - x @ kept.double())
+    torch.testing.assert_close(product, expected.float(), rtol=1e-5, atol=1e-5)
 
 
 def test_native_statistics_do_not_depend_on_the_thread_count() -> None:

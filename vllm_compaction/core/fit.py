@@ -25,6 +25,31 @@ def mass_rows(problem: Problem, weighting: float) -> tuple[Tensor, Tensor]:
     return u, u * problem.mass
 
 
+def normal_equations(
+    problem: Problem,
+    indices: Tensor,
+    design: Tensor,
+    targets: Tensor | None = None,
+    kept: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """X^T X [H, t, t] and, given targets Y [H, n, k] and kept values V [H, t, k], X^T (Y - X V)
+    [H, t, k] (else None), for a design X [H, n, t] over the kept keys ``indices``.
+
+    Summed over ``problem.kept_blocks``, each block of rows only over the columns it can
+    see (X is zero past them): the fits' time is mostly these products.
+    """
+    heads, _, t = design.shape
+    gram = design.new_zeros(heads, t, t)
+    product = None if targets is None else design.new_zeros(heads, t, targets.shape[-1])
+    for rows, reach in problem.kept_blocks(indices):
+        block = design[:, rows, :reach]
+        gram[:, :reach, :reach].baddbmm_(block.transpose(1, 2), block)
+        if product is not None:
+            residual = torch.baddbmm(targets[:, rows], block, kept[:, :reach], alpha=-1.0)
+            product[:, :reach].baddbmm_(block.transpose(1, 2), residual)
+    return gram, product
+
+
 def solve_mass(
     design: Tensor,
     gram: Tensor,
@@ -81,7 +106,7 @@ def fit_beta(
     # Unweighted first: with every key kept the residual is then (up to rounding) zero.
     residual = u * (problem.mass - design.sum(dim=-1))
     design.mul_(u[..., None])
-    gram = torch.bmm(design.transpose(1, 2), design)
+    gram = normal_equations(problem, indices, design)[0]
     lengths = (indices >= 0).sum(dim=1)
     w = solve_mass(
         design,
@@ -124,7 +149,6 @@ def fit_values(
     design.mul_(rows[..., None])
     kept = gather_rows(problem.values.float(), indices)
     # A query that sees no compact key has an all-zero design row and drops out of X^T R.
-    residual = torch.baddbmm(targets, design, kept, alpha=-1.0)
-    xt = design.transpose(1, 2)
+    gram, product = normal_equations(problem, indices, design, targets, kept)
     lengths = (indices >= 0).sum(dim=1)
-    return kept + ridge_solve(torch.bmm(xt, design), torch.bmm(xt, residual), lengths, ridge)
+    return kept + ridge_solve(gram, product, lengths, ridge)

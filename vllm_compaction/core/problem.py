@@ -18,6 +18,9 @@ from .attention import exp_shifted_, logits, safe_reciprocal
 # with causal queries it forms about rows / T more scores than needed. 64..192 rows were
 # equally fast on SmolLM2-sized layers at T = 1k..4k.
 _BLOCK_ROWS = 128
+# Query rows per block of the kept columns (``Problem.kept_blocks``): the zero part a block
+# skips grows as blocks shrink, and MKL's products stay efficient down to a few hundred rows.
+_KEPT_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -65,12 +68,48 @@ class Problem:
         """fp32 logits [H, n, t] of the queries against the keys at ``indices`` [H, t].
 
         Padding slots (index -1) get -inf, so they drop out of every exponential. Causal
-        masking uses the keys' original positions.
+        masking uses the keys' original positions; only the columns of ``kept_blocks`` are
+        computed, the rest is -inf.
         """
         index = indices.clamp(min=0)
         keys = self.keys.gather(1, index[..., None].expand(-1, -1, self.keys.shape[-1]))
         bias = self.bias.gather(1, index).masked_fill(indices < 0, -math.inf)
-        return logits(self.queries, keys, self.scale, bias, self.query_positions, index)
+        positions = self.query_positions
+        if positions is None:
+            return logits(self.queries, keys, self.scale, bias)
+        out = torch.full(
+            (*self.queries.shape[:2], indices.shape[1]), -math.inf, device=self.queries.device
+        )
+        for rows, reach in self.kept_blocks(indices):
+            out[:, rows, :reach] = logits(
+                self.queries[:, rows],
+                keys[:, :reach],
+                self.scale,
+                bias[:, :reach],
+                positions[:, rows],
+                index[:, :reach],
+            )
+        return out
+
+    def kept_blocks(self, indices: Tensor) -> list[tuple[slice, int]]:
+        """Blocks of query rows, each with how many leading columns of ``indices`` [H, t] any
+        of its queries sees (0: none; skipped). Past them every column is a key after every
+        query of the block, so logits, designs and their products are -inf or 0 there: with
+        causal queries in position order and ascending kept keys (as selected) the
+        kept-column matrices are block lower triangular, and context queries skip about two
+        thirds of them. Without positions, one block of all rows and columns.
+        """
+        n, t = self.queries.shape[1], indices.shape[1]
+        if self.query_positions is None:
+            return [(slice(0, n), t)]
+        blocks = -(-n // _KEPT_ROWS)
+        padded = F.pad(self.query_positions, (0, blocks * _KEPT_ROWS - n), value=-1)
+        last = padded.view(-1, blocks, _KEPT_ROWS).amax(dim=2)  # [H, blocks]
+        seen = (indices[:, None, :] >= 0) & (indices[:, None, :] <= last[..., None])
+        column = torch.arange(1, t + 1, device=indices.device)
+        reach = (seen * column).amax(dim=2).amax(dim=0).tolist()  # any kept-key order
+        starts = range(0, n, _KEPT_ROWS)
+        return [(slice(a, a + _KEPT_ROWS), r) for a, r in zip(starts, reach, strict=True) if r]
 
     @cached_property
     def _bias(self) -> Tensor | None:
