@@ -155,6 +155,35 @@ def _plain_throughput(base: str, prompts: list[str], tokens: int) -> float:
     return generated / (time.perf_counter() - began)
 
 
+def _plain_rounds(model_dir: Path, prompts: list[str], rounds: int, logs: Path) -> dict:
+    """Plain-request throughput of a server with the plugin and a stock one, one server at a
+    time, alternating for `rounds` rounds: medians and every run (one run each moved by tens
+    of percent between identical servers on this VM)."""
+    stock = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.launchers.api_server.entry",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        MODEL,
+        "--enforce-eager",
+        "--kv-cache-memory-bytes",
+        str(4 << 30),
+        *dtype_default(),  # the dtype ours serves in
+    ]
+    runs: dict[str, list[float]] = {"with_plugin": [], "without_plugin": []}
+    for _ in range(rounds):
+        with served([], logs / "serving-plugin-plain.log") as base:
+            runs["with_plugin"].append(_plain_throughput(base, prompts, 32))
+        # The same thread binding as ours.
+        env = {**SERVE_ENV, "VLLM_PLUGINS": ""}
+        with served([], logs / "serving-stock.log", env=env, command=stock) as base:
+            runs["without_plugin"].append(_plain_throughput(base, prompts, 32))
+    medians = {name: statistics.median(rates) for name, rates in runs.items()}
+    return {**medians, "loss": 1 - medians["with_plugin"] / medians["without_plugin"], "runs": runs}
+
+
 _TOKENIZER = None
 
 
@@ -182,27 +211,8 @@ def main() -> None:
         compaction = _compact_vs_prefill(client, contexts, args.repeats)
         decode = _decode_speed(client, contexts[-1], 64 if args.quick else 128)
         prefill = _prefill_on_handle(client, contexts[0], contexts[1])
-        prompts = [f"Fact {i} about the Normans:" for i in range(16 if args.quick else 48)]
-        with_plugin = _plain_throughput(base, prompts, 32)
-
-    stock_cmd = [sys.executable, "-m", "vllm.entrypoints.launchers.api_server.entry"]
-    with served(
-        [],
-        logs / "serving-stock.log",
-        env={**SERVE_ENV, "VLLM_PLUGINS": ""},  # the same thread binding as ours
-        command=[
-            *stock_cmd,
-            "--model",
-            str(model_dir),
-            "--served-model-name",
-            MODEL,
-            "--enforce-eager",
-            "--kv-cache-memory-bytes",
-            str(4 << 30),
-            *dtype_default(),  # the dtype ours serves in
-        ],
-    ) as base:
-        without_plugin = _plain_throughput(base, prompts, 32)
+    prompts = [f"Fact {i} about the Normans:" for i in range(16 if args.quick else 48)]
+    plain = _plain_rounds(model_dir, prompts, args.repeats, logs)
 
     full_blocks = -(-(lengths[-1] + decode["session_tokens"]) // BLOCK)
     sessions = {
@@ -219,11 +229,7 @@ def main() -> None:
         "decode": decode,
         "prefill_on_handle": prefill,
         "sessions_per_budget": sessions,
-        "plain_tok_s": {
-            "with_plugin": with_plugin,
-            "without_plugin": without_plugin,
-            "loss": 1 - with_plugin / without_plugin,
-        },
+        "plain_tok_s": plain,
     }
     write_json("serving", result)
     markdown = _markdown(result)
@@ -305,7 +311,9 @@ def _markdown(result: dict) -> str:
                 + markdown_table(
                     ["with plugin tok/s", "without plugin tok/s", "loss"],
                     [[p["with_plugin"], p["without_plugin"], p["loss"]]],
-                ),
+                )
+                + f"\n\nMedians of {result['repeats']} rounds, the two servers alternating (one "
+                "at a time); runs in bench/results/serving.json.",
             ]
         )
         + "\n"

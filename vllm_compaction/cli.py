@@ -89,8 +89,17 @@ def _tensor_parallel_size(argv: list[str]) -> int:
 def _serve(argv: list[str]) -> None:
     nodes = len(list(Path("/sys/devices/system/node").glob("node[0-9]*"))) or 1
     cpus = sorted(os.sched_getaffinity(0))
-    binding = thread_binding(_tensor_parallel_size(argv), cpus, nodes)
-    env = {**SERVE_ENV, "VLLM_CPU_OMP_THREADS_BIND": binding, **os.environ}
+    ranks = _tensor_parallel_size(argv)
+    env = {
+        **SERVE_ENV,
+        "VLLM_CPU_OMP_THREADS_BIND": thread_binding(ranks, cpus, nodes),
+        # vLLM keeps CPUs free of worker threads for its other processes: one per worker, and
+        # one more per worker when a KV connector is configured (meant for NIXL's transfers;
+        # ours moves nothing in the background). Reserve what a stock server reserves, so
+        # requests without a handle get the same CPUs as there.
+        "VLLM_CPU_NUM_OF_RESERVED_CPU": str(ranks),
+        **os.environ,
+    }
     for option, variable in OWN_OPTIONS.items():
         argv, value = _take_option(argv, option)
         if value is None:
@@ -108,6 +117,13 @@ def _serve(argv: list[str]) -> None:
         logging.getLogger(__name__).info(
             "this CPU has no bf16 instructions (AVX512-BF16 or AMX): serving in float32, "
             "where vLLM is several times faster on it; --dtype chooses otherwise"
+        )
+    if "VLLM_CPU_NUM_OF_RESERVED_CPU" not in os.environ:
+        logging.getLogger(__name__).info(
+            "keeping %s CPU(s) free of worker threads, as stock vLLM does (vLLM will warn that "
+            "this is below the minimum it counts for a KV connector: expected; "
+            "VLLM_CPU_NUM_OF_RESERVED_CPU overrides)",
+            ranks,
         )
     logging.getLogger(__name__).info("starting: %s", " ".join(cmd))
     # exec: signals (SIGTERM from a supervisor, Ctrl-C) reach vLLM directly.
