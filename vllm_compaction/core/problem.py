@@ -104,7 +104,7 @@ class Problem:
             return [(slice(0, n), t)]
         blocks = -(-n // _KEPT_ROWS)
         padded = F.pad(self.query_positions, (0, blocks * _KEPT_ROWS - n), value=-1)
-        last = padded.view(-1, blocks, _KEPT_ROWS).amax(dim=2)  # [H, blocks]
+        last = padded.view(padded.shape[0], blocks, _KEPT_ROWS).amax(dim=2)  # [H, blocks]
         seen = (indices[:, None, :] >= 0) & (indices[:, None, :] <= last[..., None])
         column = torch.arange(1, t + 1, device=indices.device)
         reach = (seen * column).amax(dim=2).amax(dim=0).tolist()  # any kept-key order
