@@ -172,12 +172,13 @@ def _plain_rounds(model_dir: Path, prompts: list[str], rounds: int, logs: Path) 
         str(4 << 30),
         *dtype_default(),  # the dtype ours serves in
     ]
+    # Our serve's environment without the plugin; CPU binding and reservation are vLLM's
+    # defaults, which our serve keeps.
+    env = {**SERVE_ENV, "VLLM_PLUGINS": ""}
     runs: dict[str, list[float]] = {"with_plugin": [], "without_plugin": []}
     for _ in range(rounds):
         with served([], logs / "serving-plugin-plain.log") as base:
             runs["with_plugin"].append(_plain_throughput(base, prompts, 32))
-        # The same thread binding as ours.
-        env = {**SERVE_ENV, "VLLM_PLUGINS": ""}
         with served([], logs / "serving-stock.log", env=env, command=stock) as base:
             runs["without_plugin"].append(_plain_throughput(base, prompts, 32))
     medians = {name: statistics.median(rates) for name, rates in runs.items()}
